@@ -1,0 +1,1 @@
+"""From any dataset row to Harmony token ids and a loss mask."""

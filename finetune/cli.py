@@ -1,0 +1,140 @@
+"""`gptoss-ft`: the one place that parses argv. One table of subcommands; handlers import lazily so
+`gptoss-ft --help` stays fast and a subcommand pays only for what it uses."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Callable
+
+
+def _init_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--preset", default="tiny", help="tiny, gpt-oss-20b or gpt-oss-120b (default: tiny)")
+    p.add_argument("--out", required=True, help="directory to write (replaced atomically if it exists)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--layout", choices=("hf", "original"), default="hf")
+    p.add_argument("--experts", choices=("mxfp4", "dense"), default="mxfp4",
+                   help="store experts as MXFP4 blocks/scales (as released) or dense bf16")
+
+
+def _init(args: argparse.Namespace) -> int:
+    from model.checkpoint import write_random
+    from model.config import preset
+
+    out = write_random(args.out, preset(args.preset), seed=args.seed, layout=args.layout, experts=args.experts)
+    print(f"wrote a random {args.preset} gpt-oss ({args.layout} layout, {args.experts} experts) to {out}")
+    return 0
+
+
+def _render_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("file", help="a local JSON/JSONL/Parquet/CSV file or folder, or a hub dataset id")
+    p.add_argument("--format", default="auto",
+                   help="harmony, messages, openai, prompt_completion, sharegpt or auto (default)")
+    p.add_argument("--jsonl", action="store_true",
+                   help='one {"input_ids": [...], "loss_mask": [...]} per example on stdout, in input order')
+    p.add_argument("--no-split-turns", action="store_true",
+                   help="one example per row (its last assistant turn) instead of one per assistant turn")
+    p.add_argument("--loss-on", choices=("last_turn", "final_only", "all_assistant"), default="last_turn")
+    p.add_argument("--on-error", choices=("raise", "skip"), default="raise")
+    p.add_argument("--reasoning-effort", choices=("low", "medium", "high"), default=None)
+    p.add_argument("--split", default="train", help="dataset split for hub ids (default: train)")
+
+
+def _render(args: argparse.Namespace) -> int:
+    from data.pipeline import render_command
+
+    return render_command(args)
+
+
+def _not_yet(issue: int) -> Callable[[argparse.Namespace], int]:
+    def handler(args: argparse.Namespace) -> int:
+        print(f"gptoss-ft {args.command}: not yet implemented (tracked in issue {issue}).", file=sys.stderr)
+        return 2
+
+    return handler
+
+
+def _train_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("config", help="a YAML config (see configs/)")
+    p.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. train.lr=1e-4")
+    p.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint")
+
+
+def _export_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("run_dir")
+    p.add_argument("--format", choices=("adapter", "merged", "mxfp4", "gguf"), required=True)
+    p.add_argument("--out", required=True)
+    p.add_argument("--base", default=None, help="base model path (default: the run's)")
+    p.add_argument("--layout", choices=("hf", "original"), default="hf")
+
+
+def _plan_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", required=True, help="gpt-oss-20b, gpt-oss-120b, or a checkpoint directory")
+    p.add_argument("--method", choices=("lora", "full"), default="lora")
+    p.add_argument("--seq-len", type=int, default=2048)
+    p.add_argument("--batch-size", type=int, default=1)
+    p.add_argument("--gpus", type=int, default=1)
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cuda")
+    p.add_argument("--json", action="store_true")
+
+
+def _chat_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("model", help="a checkpoint directory or a run directory")
+    p.add_argument("--adapter", default=None)
+    p.add_argument("--reasoning", choices=("low", "medium", "high"), default="medium")
+    p.add_argument("--prompt", default=None)
+
+
+# name -> (help, add arguments, handler)
+COMMANDS: dict[str, tuple[str, Callable, Callable[[argparse.Namespace], int]]] = {
+    "train": ("fine-tune from a YAML config (LoRA or full)", _train_args, _not_yet(5)),
+    "export": ("write an adapter, a merged model, or an MXFP4 model from a run", _export_args, _not_yet(6)),
+    "render": ("show what the model sees and what is trained, for a dataset", _render_args, _render),
+    "plan": ("predict peak memory for a model, method and batch", _plan_args, _not_yet(7)),
+    "chat": ("talk to a model or a fine-tuned run", _chat_args, _not_yet(6)),
+    "init": ("write a random gpt-oss checkpoint (tiny by default) for tests and the quickstart", _init_args, _init),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="gptoss-ft", description="Fine-tune OpenAI's gpt-oss models (LoRA or full) on Harmony-rendered data."
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for name, (help_text, add_args, handler) in COMMANDS.items():
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        add_args(p)
+        p.set_defaults(handler=handler)
+    return parser
+
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    """Errors that are the input's fault: printed as one line, no traceback."""
+    from model.checkpoint import CheckpointError
+
+    errors: list[type[BaseException]] = [CheckpointError, FileNotFoundError, PermissionError, IsADirectoryError]
+    try:
+        from data import DataError
+
+        errors.append(DataError)
+    except ImportError:
+        pass
+    return tuple(errors)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.handler(args)
+    except _user_errors() as e:
+        if os.environ.get("GPTOSS_FT_DEBUG"):
+            raise
+        print(f"gptoss-ft {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,10 @@
+"""The gpt-oss model in plain PyTorch, and everything about its weights."""
+
+from . import mxfp4
+from .checkpoint import Checkpoint, CheckpointError, CheckpointWriter, save, write_random
+from .config import PRESETS, GptOssConfig, preset
+
+__all__ = [
+    "Checkpoint", "CheckpointError", "CheckpointWriter", "GptOssConfig", "PRESETS",
+    "mxfp4", "preset", "save", "write_random",
+]

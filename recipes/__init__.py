@@ -1,0 +1,1 @@
+"""Short, readable recipes: a dataset mapping plus method defaults."""

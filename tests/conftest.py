@@ -1,0 +1,32 @@
+"""Test setup: the offline vocab, offline wandb, and tiny checkpoints built on the spot (no downloads)."""
+
+import os
+from pathlib import Path
+
+import pytest
+
+_VOCAB = Path(__file__).resolve().parents[2] / "shared" / "vocab"
+if _VOCAB.is_dir():
+    os.environ.setdefault("TIKTOKEN_CACHE_DIR", str(_VOCAB))
+    os.environ.setdefault("TIKTOKEN_ENCODINGS_BASE", str(_VOCAB))
+os.environ.setdefault("WANDB_MODE", "offline")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+
+
+@pytest.fixture(scope="session")
+def tiny_hf(tmp_path_factory):
+    """A random tiny gpt-oss in the HF layout with MXFP4 experts."""
+    from model.checkpoint import write_random
+    from model.config import preset
+
+    return write_random(tmp_path_factory.mktemp("ckpt") / "tiny-hf", preset("tiny"), seed=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_original(tmp_path_factory):
+    """The same weights as `tiny_hf`, in OpenAI's original layout."""
+    from model.checkpoint import write_random
+    from model.config import preset
+
+    return write_random(tmp_path_factory.mktemp("ckpt") / "tiny-orig", preset("tiny"), seed=0, layout="original")
