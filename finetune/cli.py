@@ -112,8 +112,10 @@ def build_parser() -> argparse.ArgumentParser:
 def _user_errors() -> tuple[type[BaseException], ...]:
     """Errors that are the input's fault: printed as one line, no traceback."""
     from model.checkpoint import CheckpointError
+    from model.config import ConfigError
 
-    errors: list[type[BaseException]] = [CheckpointError, FileNotFoundError, PermissionError, IsADirectoryError]
+    errors: list[type[BaseException]] = [CheckpointError, ConfigError, FileNotFoundError, PermissionError,
+                                          IsADirectoryError]
     try:
         from data import DataError
 

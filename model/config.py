@@ -10,9 +10,14 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import json
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+class ConfigError(ValueError):
+    """A model configuration that cannot be used; the message names the key or the file."""
+
 
 SLIDING = "sliding_attention"
 FULL = "full_attention"
@@ -75,6 +80,8 @@ class GptOssConfig:
     max_position_embeddings: int = 131072
     swiglu_limit: float = 7.0
     """Clamp of the expert activation: gate to (-inf, limit], up to [-limit, limit]."""
+    swiglu_alpha: float = 1.702
+    """Sigmoid gain of the expert activation: gate * sigmoid(alpha * gate) * (up + 1)."""
     attention_bias: bool = True
     tie_word_embeddings: bool = False
     eos_token_id: int = 200002
@@ -103,7 +110,7 @@ class GptOssConfig:
         if not 0 < self.num_experts_per_tok <= self.num_local_experts:
             problems.append("num_experts_per_tok must be in 1..num_local_experts")
         if problems:
-            raise ValueError("invalid GptOssConfig: " + "; ".join(problems))
+            raise ConfigError("invalid GptOssConfig: " + "; ".join(problems))
 
     # -- derived facts -------------------------------------------------------------------------
     def is_sliding(self, layer: int) -> bool:
@@ -120,10 +127,14 @@ class GptOssConfig:
 
     # -- HF config.json ------------------------------------------------------------------------
     @classmethod
-    def from_dict(cls, d: dict[str, Any], *, source: str = "config") -> "GptOssConfig":
-        """From an HF or an original-layout config dict. Unknown keys are errors naming the key."""
+    def from_dict(cls, d: dict[str, Any], *, source: str = "config", strict: bool = False) -> "GptOssConfig":
+        """From an HF or an original-layout config dict.
+
+        A key we do not know is a warning naming it (newer transformers releases add keys, and a real
+        checkpoint must still load); with strict=True it is an error that suggests the closest key.
+        """
         if "num_experts" in d and "num_local_experts" not in d and "experts_per_token" in d:
-            return cls.from_original_dict(d, source=source)
+            return cls.from_original_dict(d, source=source, strict=strict)
         d = dict(d)
         if rp := d.pop("rope_parameters", None):  # transformers 5.x
             rp = dict(rp)
@@ -145,13 +156,16 @@ class GptOssConfig:
             elif k not in _HF_METADATA_KEYS:
                 close = difflib.get_close_matches(k, sorted(known), n=1)
                 hint = f" (did you mean {close[0]!r}?)" if close else ""
-                raise ValueError(f"{source}: unknown gpt-oss config key {k!r}{hint}")
+                message = f"{source}: unknown gpt-oss config key {k!r}{hint}"
+                if strict:
+                    raise ConfigError(message)
+                warnings.warn(message + "; ignored", stacklevel=2)
         if kwargs.get("layer_types") is None:
             kwargs.pop("layer_types", None)
         return cls(**kwargs)
 
     @classmethod
-    def from_original_dict(cls, d: dict[str, Any], *, source: str = "config") -> "GptOssConfig":
+    def from_original_dict(cls, d: dict[str, Any], *, source: str = "config", strict: bool = False) -> "GptOssConfig":
         """OpenAI's original/config.json: its own names for the same facts (DESIGN §4)."""
         d = dict(d)
         renames = {"num_experts": "num_local_experts", "experts_per_token": "num_experts_per_tok"}
@@ -174,18 +188,18 @@ class GptOssConfig:
         kwargs.setdefault(
             "max_position_embeddings", int(rope["original_max_position_embeddings"] * rope["factor"])
         )
-        return cls.from_dict(kwargs, source=source)
+        return cls.from_dict(kwargs, source=source, strict=strict)
 
     @classmethod
-    def from_json(cls, path: str | Path) -> "GptOssConfig":
+    def from_json(cls, path: str | Path, *, strict: bool = False) -> "GptOssConfig":
         path = Path(path)
         try:
             d = json.loads(path.read_text())
         except FileNotFoundError:
             raise FileNotFoundError(f"no config.json at {path}") from None
         except json.JSONDecodeError as e:
-            raise ValueError(f"{path}: invalid JSON: {e}") from None
-        return cls.from_dict(d, source=str(path))
+            raise ConfigError(f"{path}: invalid JSON: {e}") from None
+        return cls.from_dict(d, source=str(path), strict=strict)
 
     def to_hf_dict(self, *, mxfp4: bool | None = None) -> dict[str, Any]:
         """The config.json transformers reads (`GptOssForCausalLM`)."""
@@ -252,4 +266,4 @@ def preset(name: str) -> GptOssConfig:
     except KeyError:
         close = difflib.get_close_matches(name, PRESETS, n=1)
         hint = f" (did you mean {close[0]!r}?)" if close else ""
-        raise ValueError(f"unknown preset {name!r}{hint}; presets: {', '.join(PRESETS)}") from None
+        raise ConfigError(f"unknown preset {name!r}{hint}; presets: {', '.join(PRESETS)}") from None

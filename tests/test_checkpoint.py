@@ -1,0 +1,155 @@
+"""Checkpoint reading/writing: HF (single and sharded), original/, transformers as the loader oracle."""
+
+import json
+import pickle
+
+import pytest
+import torch
+
+from model import mxfp4
+from model.checkpoint import Checkpoint, CheckpointError, CheckpointWriter, expected_shapes, save, write_random
+from model.config import preset
+
+
+def test_tiny_checkpoint_is_complete(tiny_hf):
+    ck = Checkpoint(tiny_hf)
+    ck.validate()
+    assert ck.layout == "hf" and ck.experts_format == "mxfp4" and ck.config.is_mxfp4
+    assert set(ck.names()) == set(expected_shapes(preset("tiny")))
+    blocks = ck.get("model.layers.0.mlp.experts.gate_up_proj_blocks")
+    assert blocks.dtype == torch.uint8  # bytes stay bytes until asked
+
+
+def test_every_parameter_is_random(tiny_hf):
+    ck = Checkpoint(tiny_hf)
+    for name in ck.names():
+        t = ck.get(name)
+        if t.is_floating_point():
+            assert t.float().std() > 0, f"{name} is constant"
+    sinks = ck.get("model.layers.0.self_attn.sinks")
+    norm = ck.get("model.layers.1.input_layernorm.weight")
+    assert not torch.equal(sinks, torch.zeros_like(sinks)) and not torch.equal(norm, torch.ones_like(norm))
+
+
+def test_original_layout_reads_back_as_its_hf_twin(tiny_hf, tiny_original):
+    hf, orig = Checkpoint(tiny_hf), Checkpoint(tiny_original)
+    assert orig.layout == "original"
+    assert orig.config == hf.config.replace(quantization_config=None)
+    assert sorted(orig.names()) == sorted(hf.names())
+    for name in hf.names():
+        assert torch.equal(hf.get(name), orig.get(name)), name
+    from safetensors import safe_open
+
+    with safe_open(str(tiny_original / "model.safetensors"), "pt") as f:
+        keys = set(f.keys())
+    assert "block.0.attn.qkv.weight" in keys and "block.1.mlp.mlp1_weight.blocks" in keys
+    assert "unembedding.weight" in keys and "embedding.weight" in keys and "norm.scale" in keys
+
+
+def test_hf_directory_with_original_subdirectory(tiny_hf, tiny_original, tmp_path):
+    import shutil
+
+    root = tmp_path / "repo"
+    shutil.copytree(tiny_hf, root)
+    shutil.copytree(tiny_original, root / "original")
+    assert Checkpoint(root).layout == "hf"
+    orig = Checkpoint(root, layout="original")
+    assert orig.layout == "original" and orig.path == root / "original"
+    assert torch.equal(orig.get("model.layers.1.self_attn.k_proj.weight"),
+                       Checkpoint(root).get("model.layers.1.self_attn.k_proj.weight"))
+
+
+def test_sharded_write_has_an_index_and_reads_back(tiny_hf, tmp_path):
+    src = Checkpoint(tiny_hf)
+    out = save(tmp_path / "sharded", src.config, src.items(), max_shard_bytes=8 << 20)
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    files = set(index["weight_map"].values())
+    assert len(files) > 2 and all((out / f).exists() for f in files)
+    assert index["metadata"]["total_size"] == sum(t.numel() * t.element_size() for _, t in src.items())
+    back = Checkpoint(out)
+    back.validate()
+    for name in src.names():
+        assert torch.equal(src.get(name), back.get(name)), name
+
+
+def test_transformers_loads_our_mxfp4_checkpoint_with_identical_experts(tiny_hf):
+    transformers = pytest.importorskip("transformers")
+    model = transformers.GptOssForCausalLM.from_pretrained(
+        tiny_hf, quantization_config=transformers.Mxfp4Config(dequantize=True), dtype=torch.float32
+    )
+    ck = Checkpoint(tiny_hf)
+    for layer in range(ck.config.num_hidden_layers):
+        experts = model.model.layers[layer].mlp.experts
+        for proj in ("gate_up_proj", "down_proj"):
+            assert torch.equal(getattr(experts, proj).data, ck.get_expert_weight(layer, proj, torch.float32))
+            assert torch.equal(getattr(experts, proj + "_bias").data, ck.get(f"model.layers.{layer}.mlp.experts.{proj}_bias", torch.float32))
+    theirs = dict(model.named_parameters())
+    for name in ("model.layers.0.self_attn.sinks", "model.layers.1.self_attn.q_proj.bias", "lm_head.weight"):
+        assert torch.equal(theirs[name].data, ck.get(name, torch.float32)), name
+
+
+def test_dense_experts_checkpoint_loads_in_transformers(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    out = write_random(tmp_path / "dense", preset("tiny"), seed=1, experts="dense")
+    ck = Checkpoint(out)
+    assert ck.experts_format == "dense" and not ck.config.is_mxfp4
+    ck.validate()
+    model = transformers.GptOssForCausalLM.from_pretrained(out, dtype=torch.float32)
+    w = model.model.layers[1].mlp.experts.down_proj.data
+    assert torch.equal(w, ck.get_expert_weight(1, "down_proj", torch.float32))
+
+
+def test_expert_weight_is_the_transposed_dequantization(tiny_hf):
+    ck = Checkpoint(tiny_hf)
+    w = ck.get_expert_weight(1, "gate_up_proj", torch.float32)
+    blocks = ck.get("model.layers.1.mlp.experts.gate_up_proj_blocks")
+    scales = ck.get("model.layers.1.mlp.experts.gate_up_proj_scales")
+    assert torch.equal(w, mxfp4.dequantize(blocks, scales, torch.float32).transpose(1, 2))
+
+
+class _Exploit:
+    def __reduce__(self):
+        import pathlib
+
+        return (pathlib.Path.touch, (pathlib.Path(_Exploit.target),))
+
+
+def test_pickle_only_directory_is_refused_and_never_unpickled(tmp_path):
+    _Exploit.target = str(tmp_path / "pwned")
+    ckpt = tmp_path / "pickled"
+    ckpt.mkdir()
+    (ckpt / "config.json").write_text(json.dumps(preset("tiny").to_hf_dict()))
+    (ckpt / "pytorch_model.bin").write_bytes(pickle.dumps(_Exploit()))
+    with pytest.raises(CheckpointError, match="pickle"):
+        Checkpoint(ckpt)
+    with pytest.raises(CheckpointError, match="pickle"):
+        Checkpoint(ckpt / "pytorch_model.bin")
+    assert not (tmp_path / "pwned").exists()
+
+
+def test_missing_and_misshapen_tensors_are_named(tiny_hf, tmp_path):
+    src = Checkpoint(tiny_hf)
+    dropped = "model.layers.1.self_attn.sinks"
+    out = save(tmp_path / "missing", src.config, ((n, t) for n, t in src.items() if n != dropped))
+    with pytest.raises(CheckpointError, match="model.layers.1.self_attn.sinks"):
+        Checkpoint(out).validate()
+    with pytest.raises(CheckpointError, match="is missing"):
+        Checkpoint(out).get(dropped)
+    bad = "model.layers.0.mlp.router.bias"
+    out = save(tmp_path / "shape", src.config,
+               ((n, t[:-1] if n == bad else t) for n, t in src.items()))
+    with pytest.raises(CheckpointError, match=r"model.layers.0.mlp.router.bias.*shape \[7\]"):
+        Checkpoint(out).validate()
+
+
+def test_write_is_atomic(tiny_hf, tmp_path):
+    src = Checkpoint(tiny_hf)
+    target = save(tmp_path / "ckpt", src.config, src.items())
+    before = sorted(p.name for p in target.iterdir())
+    with pytest.raises(RuntimeError, match="boom"):
+        with CheckpointWriter(target, src.config) as w:
+            w.add("model.embed_tokens.weight", torch.zeros(3, 3))
+            raise RuntimeError("boom")
+    assert sorted(p.name for p in target.iterdir()) == before
+    assert [p.name for p in tmp_path.iterdir()] == ["ckpt"], "no temp directory is left behind"
+    Checkpoint(target).validate()
