@@ -61,6 +61,13 @@ def _train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint")
 
 
+def _train(args: argparse.Namespace) -> int:
+    from .trainer import train
+
+    train(args.config, args.overrides, resume=args.resume)
+    return 0
+
+
 def _export_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("run_dir")
     p.add_argument("--format", choices=("adapter", "merged", "mxfp4", "gguf"), required=True)
@@ -88,7 +95,7 @@ def _chat_args(p: argparse.ArgumentParser) -> None:
 
 # name -> (help, add arguments, handler)
 COMMANDS: dict[str, tuple[str, Callable, Callable[[argparse.Namespace], int]]] = {
-    "train": ("fine-tune from a YAML config (LoRA or full)", _train_args, _not_yet(5)),
+    "train": ("fine-tune from a YAML config (LoRA or full)", _train_args, _train),
     "export": ("write an adapter, a merged model, or an MXFP4 model from a run", _export_args, _not_yet(6)),
     "render": ("show what the model sees and what is trained, for a dataset", _render_args, _render),
     "plan": ("predict peak memory for a model, method and batch", _plan_args, _not_yet(7)),
@@ -114,8 +121,12 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from model.checkpoint import CheckpointError
     from model.config import ConfigError
 
-    errors: list[type[BaseException]] = [CheckpointError, ConfigError, FileNotFoundError, PermissionError,
-                                          IsADirectoryError]
+    from .config import ConfigError as TrainConfigError
+    from .state import StateError
+    from .trainer import TrainingError
+
+    errors: list[type[BaseException]] = [CheckpointError, ConfigError, TrainConfigError, StateError, TrainingError,
+                                          FileNotFoundError, PermissionError, IsADirectoryError]
     try:
         from data import DataError
 

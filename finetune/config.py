@@ -1,0 +1,339 @@
+"""Training configuration: YAML in, frozen dataclasses out.
+
+Strict by design: an unknown key is an error that names it and suggests the closest valid one, a
+value of the wrong type names its key, and missing files are reported before any work starts.
+`key=value` overrides on the command line use dotted keys (`train.lr=1e-4`, `lora.targets=[attention]`);
+values are parsed as YAML. Each field is documented once, here.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A training config that cannot run; the message names the key (and file)."""
+
+
+@dataclass(frozen=True)
+class ModelSection:
+    path: str
+    """HF-format directory (MXFP4 or bf16), original-format directory, or hub id."""
+    experts: Literal["mxfp4", "dequantized"] = "mxfp4"
+    """mxfp4: experts stay frozen in MXFP4 and are decoded on the fly (LoRA only); dequantized: dense experts."""
+    dtype: Literal["auto", "float32", "bfloat16"] = "auto"
+    """Weights and compute dtype; auto = bfloat16 on GPU, float32 on CPU."""
+    init_preset: str | None = None
+    """When `path` does not exist, write a random checkpoint of this preset there first (e.g. tiny)."""
+    init_seed: int = 0
+    """Seed of that random checkpoint."""
+    gradient_checkpointing: bool = False
+    """Recompute each decoder layer in backward instead of keeping its activations."""
+
+
+@dataclass(frozen=True)
+class DataSection:
+    train: str
+    """Local JSON/JSONL/Parquet/CSV file or folder, or a hub dataset id."""
+    eval: str | None = None
+    """Held-out data in the same form; when absent, `eval_fraction` of train is held out."""
+    eval_fraction: float = 0.0
+    """Fraction of the training rows held out for eval when `eval` is not given (seeded)."""
+    format: Literal["auto", "harmony", "messages", "openai", "prompt_completion", "sharegpt"] = "auto"
+    max_seq_len: int = 2048
+    """Longest example, in tokens; also the packed row length."""
+    truncation: Literal["drop", "truncate"] = "drop"
+    """What happens to longer examples (counted and reported either way)."""
+    packing: bool = True
+    """Pack several examples into each row of max_seq_len (attention never crosses examples)."""
+    split_turns: bool = True
+    """One example per assistant turn (every turn's reasoning is trained) instead of one per row."""
+    loss_on: Literal["last_turn", "final_only", "all_assistant"] = "last_turn"
+    """Which tokens are trained; all_assistant also trains earlier finals that end in <|end|> (risky)."""
+    reasoning_effort: Literal["low", "medium", "high"] | None = None
+    """Default reasoning effort in the system message when a row does not set one."""
+    on_error: Literal["raise", "skip"] = "raise"
+    """Bad rows stop the run (naming file and line), or are skipped and counted per reason."""
+    split: str = "train"
+    """Split of a hub dataset to read for training."""
+
+
+@dataclass(frozen=True)
+class LoraSection:
+    r: int = 16
+    alpha: float = 32.0
+    """LoRA scale is alpha / r."""
+    dropout: float = 0.0
+    targets: tuple[Literal["attention", "experts", "router"], ...] = ("attention", "experts")
+    """Which weights get adapters: attention (q, k, v, o), experts (gate_up, down; per expert), router."""
+
+
+@dataclass(frozen=True)
+class TrainSection:
+    max_steps: int | None = None
+    """Optimizer steps; when unset, `epochs` decides."""
+    epochs: float | None = None
+    """Passes over the training data (used when max_steps is unset; 1 when both are unset)."""
+    batch_size: int = 1
+    """Rows per micro-batch per process."""
+    grad_accum: int = 1
+    """Micro-batches per optimizer step; global batch = batch_size * grad_accum * processes."""
+    lr: float = 1e-4
+    weight_decay: float = 0.0
+    betas: tuple[float, float] = (0.9, 0.999)
+    schedule: Literal["cosine", "linear", "constant"] = "cosine"
+    warmup_steps: int = 0
+    min_lr_ratio: float = 0.0
+    """The schedule decays to lr * min_lr_ratio."""
+    max_grad_norm: float | None = 1.0
+    """Clip the global gradient norm to this; null disables clipping."""
+    precision: Literal["auto", "fp32", "bf16"] = "auto"
+    """auto = bf16 autocast on GPU, fp32 on CPU."""
+    seed: int = 0
+    save_every: int | None = None
+    """Checkpoint every N optimizer steps (and at the end); null: only at the end."""
+    keep_checkpoints: int = 2
+    """How many step checkpoints to keep (the newest ones)."""
+    eval_every: int | None = None
+    """Eval loss every N steps (and at the end) when there is eval data."""
+    log_every: int = 1
+    qat: bool = False
+    """Quantization-aware training: experts pass through MXFP4 fake-quant in forward (straight-through)."""
+    aux_loss_coef: float = 0.0
+    """Router load-balancing loss weight (Switch Transformer, arXiv:2101.03961); 0 disables it."""
+    max_bad_steps: int = 5
+    """Non-finite loss or gradients skip the step; this many in a row stop the run."""
+
+
+@dataclass(frozen=True)
+class WandbSection:
+    enabled: bool = False
+    project: str = "gptoss-ft"
+    name: str | None = None
+    mode: Literal["online", "offline"] | None = None
+    """Overrides WANDB_MODE when set; offline works with no account."""
+
+
+@dataclass(frozen=True)
+class Config:
+    model: ModelSection
+    data: DataSection
+    output_dir: str
+    """Where config.yaml, metrics.jsonl, checkpoints/ and adapter/ or model/ are written."""
+    method: Literal["lora", "full"] = "lora"
+    lora: LoraSection = field(default_factory=LoraSection)
+    train: TrainSection = field(default_factory=TrainSection)
+    wandb: WandbSection = field(default_factory=WandbSection)
+
+    def to_dict(self) -> dict[str, Any]:
+        return _plain(dataclasses.asdict(self))
+
+
+def _plain(x: Any) -> Any:
+    if isinstance(x, dict):
+        return {k: _plain(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_plain(v) for v in x]
+    return x
+
+
+# -- building dataclasses from plain data, with errors that name the key ------------------------------
+
+def _type_name(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return " | ".join(repr(a) for a in typing.get_args(tp))
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join("null" if a is type(None) else _type_name(a) for a in typing.get_args(tp))
+    if origin is tuple:
+        return "list"
+    return getattr(tp, "__name__", str(tp))
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    origin = typing.get_origin(tp)
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping, got {value!r}")
+        return _build(tp, value, key + ".")
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        for a in args:
+            if a is type(None):
+                continue
+            try:
+                return _coerce(value, a, key)
+            except ConfigError:
+                pass
+        raise ConfigError(f"{key}: expected {_type_name(tp)}, got {value!r}")
+    if origin is Literal:
+        if value not in typing.get_args(tp):
+            close = difflib.get_close_matches(str(value), [str(a) for a in typing.get_args(tp)], n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise ConfigError(f"{key}: {value!r} is not one of {_type_name(tp)}{hint}")
+        return value
+    if origin is tuple:
+        if isinstance(value, str):
+            value = [value]
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        args = typing.get_args(tp)
+        if len(args) == 2 and args[1] is Ellipsis:
+            return tuple(_coerce(v, args[0], f"{key}[{i}]") for i, v in enumerate(value))
+        if len(value) != len(args):
+            raise ConfigError(f"{key}: expected {len(args)} values, got {value!r}")
+        return tuple(_coerce(v, a, f"{key}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key}: expected true or false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{key}: expected an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, str):  # YAML 1.1 reads 2e-4 (no dot) as a string
+            try:
+                value = float(value)
+            except ValueError:
+                pass
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{key}: expected a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{key}: expected a string, got {value!r}")
+        return value
+    raise TypeError(f"unsupported config type {tp!r} for {key}")
+
+
+def _build(cls: type, d: dict[str, Any], prefix: str = "") -> Any:
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    for k in d:
+        if k not in fields:
+            close = difflib.get_close_matches(str(k), list(fields), n=1)
+            hint = f" (did you mean {prefix}{close[0]}?)" if close else f"; valid keys: {', '.join(fields)}"
+            raise ConfigError(f"unknown config key {prefix}{k}{hint}")
+    kwargs = {}
+    for name, f in fields.items():
+        if name in d:
+            kwargs[name] = _coerce(d[name], hints[name], prefix + name)
+        elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+            raise ConfigError(f"missing required config key {prefix}{name}")
+    return cls(**kwargs)
+
+
+# -- YAML, overrides, checks ---------------------------------------------------------------------------
+
+def apply_override(d: dict[str, Any], assignment: str) -> None:
+    """`a.b.c=value` into nested dict `d`; value parsed as YAML (numbers, bools, lists, null)."""
+    if "=" not in assignment:
+        raise ConfigError(f"override {assignment!r} is not key=value")
+    key, raw = assignment.split("=", 1)
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as e:
+        raise ConfigError(f"override {key}: cannot parse {raw!r} ({e})") from None
+    parts = key.strip().split(".")
+    node = d
+    for i, p in enumerate(parts[:-1]):
+        nxt = node.setdefault(p, {})
+        if not isinstance(nxt, dict):
+            raise ConfigError(f"override {key}: {'.'.join(parts[: i + 1])} is not a section")
+        node = nxt
+    node[parts[-1]] = value
+
+
+def _looks_local(path: str) -> bool:
+    return path.startswith((".", "/", "~")) or path.count("/") != 1 or Path(path).suffix != ""
+
+
+def check(cfg: Config) -> None:
+    """What can be known before any work starts: impossible combinations and missing inputs."""
+    check_combinations(cfg)
+    check_paths(cfg)
+
+
+def check_combinations(cfg: Config) -> None:
+    if cfg.method == "full" and cfg.model.experts == "mxfp4":
+        raise ConfigError(
+            "method: full trains the experts, which frozen MXFP4 experts cannot be; "
+            "set model.experts: dequantized (or use method: lora)"
+        )
+    if cfg.method == "lora" and not cfg.lora.targets:
+        raise ConfigError("lora.targets is empty: nothing would be trained")
+    if len(set(cfg.lora.targets)) != len(cfg.lora.targets):
+        raise ConfigError(f"lora.targets has duplicates: {list(cfg.lora.targets)}")
+    t = cfg.train
+    for key, value, low in (("train.batch_size", t.batch_size, 1), ("train.grad_accum", t.grad_accum, 1),
+                            ("lora.r", cfg.lora.r, 1), ("data.max_seq_len", cfg.data.max_seq_len, 2),
+                            ("train.keep_checkpoints", t.keep_checkpoints, 1), ("train.log_every", t.log_every, 1),
+                            ("train.max_bad_steps", t.max_bad_steps, 1)):
+        if value < low:
+            raise ConfigError(f"{key} must be at least {low}, got {value}")
+    for key, value in (("train.max_steps", t.max_steps), ("train.save_every", t.save_every),
+                       ("train.eval_every", t.eval_every)):
+        if value is not None and value < 1:
+            raise ConfigError(f"{key} must be a positive integer or null, got {value}")
+    if t.epochs is not None and t.epochs <= 0:
+        raise ConfigError(f"train.epochs must be positive, got {t.epochs}")
+    if not 0 <= cfg.data.eval_fraction < 1:
+        raise ConfigError(f"data.eval_fraction must be in [0, 1), got {cfg.data.eval_fraction}")
+    if t.lr <= 0:
+        raise ConfigError(f"train.lr must be positive, got {t.lr}")
+    if not 0 <= cfg.lora.dropout < 1:
+        raise ConfigError(f"lora.dropout must be in [0, 1), got {cfg.lora.dropout}")
+
+
+def check_paths(cfg: Config) -> None:
+    if not Path(cfg.model.path).expanduser().exists() and cfg.model.init_preset is None and _looks_local(cfg.model.path):
+        raise ConfigError(f"model.path: no such directory {cfg.model.path!r} (set model.init_preset to build one)")
+    for key in ("train", "eval"):
+        path = getattr(cfg.data, key)
+        if path is not None and _looks_local(path) and not Path(path).expanduser().exists():
+            raise ConfigError(f"data.{key}: no such file or directory {path!r}")
+
+
+def from_dict(d: dict[str, Any], overrides: list[str] = ()) -> Config:
+    d = _deep_copy(d)
+    for o in overrides:
+        apply_override(d, o)
+    cfg = _build(Config, d)
+    check(cfg)
+    return cfg
+
+
+def _deep_copy(x: Any) -> Any:
+    return yaml.safe_load(yaml.safe_dump(x))
+
+
+def load(path: str | Path, overrides: list[str] = ()) -> Config:
+    """Read a YAML config, apply dotted overrides, validate. Errors name the file and the key."""
+    path = Path(path)
+    try:
+        d = yaml.safe_load(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: no such config file") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: invalid YAML: {e}") from None
+    if not isinstance(d, dict):
+        raise ConfigError(f"{path}: expected a mapping of config sections at the top level")
+    try:
+        return from_dict(d, overrides)
+    except ConfigError as e:
+        raise ConfigError(f"{path}: {e}") from None
+
+
+def dump(cfg: Config) -> str:
+    return yaml.safe_dump(cfg.to_dict(), sort_keys=False)

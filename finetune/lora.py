@@ -1,0 +1,42 @@
+"""Adapters on disk in PEFT's layout: `adapter_config.json` + `adapter_model.safetensors`.
+
+`peft.PeftModel.from_pretrained(transformers_gpt_oss, adapter_dir)` loads what this writes; which
+weights get adapters, and their names, are decided by `model.lora` (the same names PEFT gives them).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import uuid
+from pathlib import Path
+
+from safetensors.torch import save_file
+
+ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+
+
+def save_adapter(model, out_dir: str | os.PathLike, *, base_model: str) -> Path:
+    """Write the model's LoRA weights as a PEFT adapter directory, atomically."""
+    from model import lora
+
+    out = Path(out_dir)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp-{uuid.uuid4().hex[:8]}")
+    tmp.mkdir()
+    try:
+        tensors = {k: v.detach().to("cpu").contiguous() for k, v in lora.lora_state_dict(model).items()}
+        save_file(tensors, str(tmp / ADAPTER_WEIGHTS), metadata={"format": "pt"})
+        body = dict(lora.peft_config(model))
+        base = Path(base_model)
+        body["base_model_name_or_path"] = str(base.resolve()) if base.exists() else base_model
+        (tmp / ADAPTER_CONFIG).write_text(json.dumps(body, indent=2) + "\n")
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out

@@ -1,0 +1,366 @@
+"""The training loop: one loop for one CPU to many GPUs, on accelerate.
+
+Batches are a pure function of (seed, epoch, step), so the data position in a checkpoint is just the
+step. Each global micro-batch of `batch_size * processes` rows is cut into one slice per process,
+so the same global batch gives the same losses on one process or many. The loss is the mean over
+every trained token of the optimizer step (all micro-batches, all processes), computed exactly by
+counting those tokens first.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from . import config as cfglib
+from .state import latest_checkpoint, load_checkpoint, save_checkpoint
+
+
+class TrainingError(RuntimeError):
+    """The run cannot go on; the message says why and what is intact."""
+
+
+@dataclass
+class Data:
+    train_rows: list
+    eval_rows: list
+    report: str
+
+
+# -- setup ---------------------------------------------------------------------------------------------
+
+def _dtype(cfg: cfglib.Config, device: torch.device) -> torch.dtype:
+    if cfg.model.dtype == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16}[cfg.model.dtype]
+
+
+def _ensure_base_model(cfg: cfglib.Config, accelerator) -> None:
+    """The quickstart's base model is built on the spot when missing (model.init_preset)."""
+    if Path(cfg.model.path).exists() or cfg.model.init_preset is None:
+        return
+    if accelerator.is_main_process:
+        from model.checkpoint import write_random
+        from model.config import preset
+
+        write_random(cfg.model.path, preset(cfg.model.init_preset), seed=cfg.model.init_seed)
+        accelerator.print(f"built a random {cfg.model.init_preset} base model at {cfg.model.path}")
+    accelerator.wait_for_everyone()
+
+
+def load_model(cfg: cfglib.Config, device: torch.device):
+    """The model with exactly the trainable parameters the method asks for."""
+    import model as modellib
+    from model import lora
+
+    m = modellib.from_pretrained(cfg.model.path, dtype=_dtype(cfg, device), experts=cfg.model.experts)
+    if cfg.method == "lora":
+        for p in m.parameters():
+            p.requires_grad_(False)
+        lc = cfg.lora
+        lora.add_lora(m, r=lc.r, alpha=lc.alpha, dropout=lc.dropout, targets=tuple(lc.targets))
+        # Adapters train in fp32 even on a bf16 base: their updates are small relative to the weights.
+        for name, p in m.named_parameters():
+            if p.requires_grad:
+                p.data = p.data.float()
+    if cfg.train.qat:
+        lora.set_qat(m, True)
+    if cfg.model.gradient_checkpointing:
+        m.gradient_checkpointing_enable()
+    return m
+
+
+def load_data(cfg: cfglib.Config) -> Data:
+    import data as datalib
+
+    d = cfg.data
+    common = dict(format=d.format, on_error=d.on_error, split_turns=d.split_turns, loss_on=d.loss_on,
+                  reasoning_effort=d.reasoning_effort, max_seq_len=d.max_seq_len, truncation=d.truncation)
+    train, report = datalib.load_examples(d.train, split=d.split, **common)
+    lines = [f"train {d.train}: {report}"]
+    if d.eval is not None:
+        evals, ereport = datalib.load_examples(d.eval, split="train", **common)
+        lines.append(f"eval {d.eval}: {ereport}")
+    elif d.eval_fraction > 0:
+        order = torch.randperm(len(train), generator=torch.Generator().manual_seed(cfg.train.seed)).tolist()
+        n_eval = max(1, int(len(train) * d.eval_fraction))
+        evals = [train[i] for i in order[:n_eval]]
+        train = [train[i] for i in sorted(order[n_eval:])]
+        lines.append(f"eval: {n_eval} examples held out of train (eval_fraction {d.eval_fraction})")
+    else:
+        evals = []
+    if not train:
+        raise TrainingError(f"no training examples in {d.train} ({report})")
+    if d.packing:
+        train, evals = datalib.pack_examples(train, d.max_seq_len), datalib.pack_examples(evals, d.max_seq_len)
+    return Data(train, evals, "\n".join(lines))
+
+
+def lr_lambda(cfg: cfglib.TrainSection, total_steps: int):
+    def f(step: int) -> float:
+        if step < cfg.warmup_steps:
+            return (step + 1) / cfg.warmup_steps
+        progress = min(1.0, (step - cfg.warmup_steps) / max(1, total_steps - cfg.warmup_steps))
+        if cfg.schedule == "constant":
+            decay = 1.0
+        elif cfg.schedule == "linear":
+            decay = 1.0 - progress
+        else:
+            decay = 0.5 * (1.0 + math.cos(math.pi * progress))
+        return cfg.min_lr_ratio + (1.0 - cfg.min_lr_ratio) * decay
+
+    return f
+
+
+# -- batches: a pure function of (seed, epoch, index) -----------------------------------------------
+
+class Batches:
+    """Micro-batches for one process. Global micro-batch g of an epoch covers rows
+    order[g*B*W : (g+1)*B*W] of that epoch's seeded permutation, process r takes its r-th slice of B.
+    The last global batches of an epoch wrap around to the epoch's first rows (nothing is dropped)."""
+
+    def __init__(self, rows: list, *, batch_size: int, grad_accum: int, world: int, rank: int, seed: int):
+        self.rows, self.b, self.a, self.w, self.r, self.seed = rows, batch_size, grad_accum, world, rank, seed
+        self.steps_per_epoch = max(1, math.ceil(len(rows) / (batch_size * world * grad_accum)))
+        self._order_cache: dict[int, list[int]] = {}
+
+    def _order(self, epoch: int) -> list[int]:
+        if epoch not in self._order_cache:
+            g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+            self._order_cache = {epoch: torch.randperm(len(self.rows), generator=g).tolist()}
+        return self._order_cache[epoch]
+
+    def for_step(self, step: int) -> list[list]:
+        """The grad_accum micro-batches (lists of rows) this process runs at optimizer step `step`."""
+        epoch, within = divmod(step, self.steps_per_epoch)
+        order = self._order(epoch)
+        n = len(order)
+        out = []
+        for k in range(self.a):
+            g = within * self.a + k
+            start = g * self.b * self.w + self.r * self.b
+            out.append([self.rows[order[(start + i) % n]] for i in range(self.b)])
+        return out
+
+
+# -- the loop ------------------------------------------------------------------------------------------
+
+def train(config_path: str, overrides: list[str] = (), *, resume: bool = False) -> Path:
+    from accelerate import Accelerator
+    from accelerate.utils import set_seed
+
+    import data as datalib
+
+    cfg = cfglib.load(config_path, list(overrides))
+    precision = cfg.train.precision
+    if precision == "auto":
+        precision = "bf16" if torch.cuda.is_available() else "fp32"
+    accelerator = Accelerator(mixed_precision="bf16" if precision == "bf16" else "no")
+    set_seed(cfg.train.seed)
+    out = Path(cfg.output_dir)
+    main = accelerator.is_main_process
+    if main:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "config.yaml").write_text(cfglib.dump(cfg))
+        accelerator.print(cfglib.dump(cfg))
+
+    _ensure_base_model(cfg, accelerator)
+    data = load_data(cfg)
+    accelerator.print(data.report)
+    model = load_model(cfg, accelerator.device)
+    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    accelerator.print(f"trainable parameters: {sum(p.numel() for p in params.values()):,} "
+                      f"of {sum(p.numel() for p in model.parameters()):,} ({cfg.method})")
+    t = cfg.train
+    optimizer = torch.optim.AdamW(params.values(), lr=t.lr, betas=t.betas, weight_decay=t.weight_decay)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    names = {p: n for n, p in zip(params, params.values())}
+
+    batches = Batches(data.train_rows, batch_size=t.batch_size, grad_accum=t.grad_accum,
+                      world=accelerator.num_processes, rank=accelerator.process_index, seed=t.seed)
+    total = t.max_steps or max(1, math.ceil((t.epochs or 1.0) * batches.steps_per_epoch))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(t, total))
+
+    start, elapsed_before = 0, 0.0
+    if resume:
+        found = latest_checkpoint(out / "checkpoints")
+        if found is None:
+            accelerator.print(f"--resume: no complete checkpoint in {out / 'checkpoints'}; starting at step 0")
+        else:
+            state = load_checkpoint(found, params=params, optimizer=optimizer)
+            start, elapsed_before = state["step"], state.get("elapsed_s", 0.0)
+            for _ in range(start):
+                scheduler.step()
+            accelerator.print(f"resumed from {found} (step {start} of {total})")
+    if main:
+        _truncate_metrics(out / "metrics.jsonl", after_step=start)
+    logger = _Logger(cfg, out, main, total, start)
+
+    bad_in_a_row, t_start = 0, time.perf_counter() - elapsed_before
+    model.train()
+    for step in range(start, total):
+        t0 = time.perf_counter()
+        micro = [datalib.collate(rows) for rows in batches.for_step(step)]
+        loss, n_input, grad_norm = _step(model, micro, accelerator, t)
+        finite = math.isfinite(loss) and math.isfinite(grad_norm)
+        if finite:
+            optimizer.step()
+            bad_in_a_row = 0
+        else:
+            bad_in_a_row += 1
+            warnings.warn(f"step {step + 1}: non-finite loss or gradient ({loss}, {grad_norm}); step skipped")
+            if bad_in_a_row >= t.max_bad_steps:
+                raise TrainingError(
+                    f"{bad_in_a_row} non-finite steps in a row at step {step + 1}; stopping. The last good "
+                    f"checkpoint in {out / 'checkpoints'} is intact (lower train.lr or check the data)."
+                )
+        optimizer.zero_grad(set_to_none=True)
+        lr = scheduler.get_last_lr()[0]
+        scheduler.step()
+        done = step + 1
+        dt = time.perf_counter() - t0
+        if done % t.log_every == 0 or done == total:
+            logger.log({"step": done, "loss": loss, "lr": lr, "grad_norm": grad_norm,
+                        "tokens_per_s": n_input / dt, "elapsed_s": time.perf_counter() - t_start,
+                        "epoch": done / batches.steps_per_epoch, **({} if finite else {"skipped": True})})
+        if data.eval_rows and t.eval_every and (done % t.eval_every == 0 or done == total):
+            logger.log({"step": done, "eval_loss": evaluate(model, data.eval_rows, accelerator, t.batch_size)})
+        if (t.save_every and done % t.save_every == 0) or done == total:
+            accelerator.wait_for_everyone()
+            if main:
+                save_checkpoint(out / "checkpoints", done, trainable={n: p for n, p in params.items()},
+                                optimizer=optimizer, param_names=names,
+                                extra={"elapsed_s": time.perf_counter() - t_start, "total_steps": total},
+                                keep=t.keep_checkpoints)
+    logger.close()
+    accelerator.wait_for_everyone()
+    if main:
+        _save_final(cfg, accelerator.unwrap_model(model), out)
+    accelerator.end_training()
+    return out
+
+
+def _step(model, micro: list[dict], accelerator, t: cfglib.TrainSection) -> tuple[float, int, float]:
+    """Forward/backward over the micro-batches of one optimizer step; returns (loss, input tokens, grad norm)."""
+    device = accelerator.device
+    # Trained tokens of the whole step, every process: each micro-batch's summed loss is divided by
+    # this, so the step's gradient is the exact token mean whatever the split. (x world: DDP averages.)
+    local_targets = sum(int((b["labels"][:, 1:] != -100).sum()) for b in micro)
+    counts = accelerator.reduce(torch.tensor([local_targets, sum(int(b["num_tokens"]) for b in micro)],
+                                             device=device), reduction="sum")
+    n_targets, n_input = max(1, int(counts[0])), int(counts[1])
+    loss_sum = torch.zeros((), device=device)
+    for i, b in enumerate(micro):
+        last = i == len(micro) - 1
+        ctx = accelerator.no_sync(model) if not last else _nullcontext()
+        with ctx, accelerator.autocast():
+            out = model(b["input_ids"].to(device), labels=b["labels"].to(device),
+                        position_ids=b["position_ids"].to(device), return_aux_loss=t.aux_loss_coef > 0)
+            loss = out.loss * out.n_tokens / n_targets
+            if t.aux_loss_coef > 0:
+                loss = loss + t.aux_loss_coef * out.aux_loss / len(micro)
+            accelerator.backward(loss * accelerator.num_processes)
+        loss_sum += (out.loss * out.n_tokens).detach()
+    max_norm = t.max_grad_norm if t.max_grad_norm is not None else float("inf")
+    grad_norm = accelerator.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], max_norm)
+    total_loss = accelerator.reduce(loss_sum, reduction="sum") / n_targets
+    return float(total_loss), n_input, float(grad_norm)
+
+
+class _nullcontext:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+@torch.no_grad()
+def evaluate(model, rows: list, accelerator, batch_size: int) -> float:
+    import data as datalib
+
+    model.eval()
+    total = torch.zeros(2, device=accelerator.device, dtype=torch.float64)
+    mine = rows[accelerator.process_index::accelerator.num_processes]
+    for i in range(0, len(mine), batch_size):
+        b = datalib.collate(mine[i:i + batch_size])
+        with accelerator.autocast():
+            out = model(b["input_ids"].to(accelerator.device), labels=b["labels"].to(accelerator.device),
+                        position_ids=b["position_ids"].to(accelerator.device))
+        total += torch.tensor([float(out.loss) * out.n_tokens, out.n_tokens], device=accelerator.device,
+                              dtype=torch.float64)
+    total = accelerator.reduce(total, reduction="sum")
+    model.train()
+    return float(total[0] / total[1].clamp(min=1))
+
+
+def _truncate_metrics(path: Path, *, after_step: int) -> None:
+    """A resumed run re-runs the steps after its checkpoint: drop their old rows so none is doubled."""
+    if not path.exists():
+        return
+    keep = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= after_step]
+    path.write_text("".join(line + "\n" for line in keep))
+
+
+class _Logger:
+    """metrics.jsonl (one object per logged step), wandb when enabled, a progress bar with ETA."""
+
+    def __init__(self, cfg: cfglib.Config, out: Path, main: bool, total: int, start: int):
+        self.main = main
+        self.path = out / "metrics.jsonl"
+        self.wandb = None
+        self.progress = None
+        if not main:
+            return
+        if cfg.wandb.enabled:
+            import wandb
+
+            if cfg.wandb.mode:
+                os.environ["WANDB_MODE"] = cfg.wandb.mode
+            self.wandb = wandb.init(project=cfg.wandb.project, name=cfg.wandb.name, dir=str(out),
+                                    config=cfg.to_dict())
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+        self.progress = Progress(TextColumn("train"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+                                 TextColumn("{task.fields[info]}"), transient=False)
+        self.task = self.progress.add_task("train", total=total, completed=start, info="")
+        self.progress.start()
+
+    def log(self, row: dict) -> None:
+        if not self.main:
+            return
+        with open(self.path, "a") as f:
+            f.write(json.dumps(row) + "\n")
+        if self.wandb is not None:
+            self.wandb.log({k: v for k, v in row.items() if k != "step"}, step=row["step"])
+        if "loss" in row:
+            self.progress.update(self.task, completed=row["step"],
+                                 info=f"loss {row['loss']:.4f}  lr {row['lr']:.2e}  {row['tokens_per_s']:.0f} tok/s")
+        else:
+            self.progress.console.print(f"step {row['step']}: eval loss {row['eval_loss']:.4f}")
+
+    def close(self) -> None:
+        if self.progress is not None:
+            self.progress.stop()
+        if self.wandb is not None:
+            self.wandb.finish()
+
+
+def _save_final(cfg: cfglib.Config, model, out: Path) -> None:
+    if cfg.method == "lora":
+        from .lora import save_adapter
+
+        save_adapter(model, out / "adapter", base_model=cfg.model.path)
+        print(f"adapter written to {out / 'adapter'}")
+    else:
+        from model.checkpoint import save
+
+        save(out / "model", model.config, ((n, t.detach()) for n, t in model.state_dict().items()))
+        print(f"model written to {out / 'model'}")

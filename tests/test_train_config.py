@@ -1,0 +1,77 @@
+"""Training configs: strict keys and types, dotted overrides, impossible combinations; shipped configs validate."""
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from finetune import config as cfglib
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _base(tmp_path) -> dict:
+    (tmp_path / "train.jsonl").write_text("{}\n")
+    return {"model": {"path": str(tmp_path / "base"), "init_preset": "tiny"},
+            "data": {"train": str(tmp_path / "train.jsonl")}, "output_dir": str(tmp_path / "run")}
+
+
+def test_defaults_and_overrides(tmp_path):
+    cfg = cfglib.from_dict(_base(tmp_path), ["train.lr=2e-4", "lora.targets=[attention, router]", "train.max_steps=7",
+                                             "data.packing=false", "train.max_grad_norm=null"])
+    assert cfg.train.lr == 2e-4 and cfg.train.max_steps == 7 and cfg.data.packing is False
+    assert cfg.lora.targets == ("attention", "router") and cfg.train.max_grad_norm is None
+    assert cfg.method == "lora" and cfg.model.experts == "mxfp4" and cfg.lora.r == 16
+    again = cfglib.from_dict(yaml.safe_load(cfglib.dump(cfg)))  # the saved config.yaml reloads to the same
+    assert again == cfg
+
+
+@pytest.mark.parametrize("override, message", [
+    ("train.lrr=1", r"unknown config key train.lrr \(did you mean train.lr\?\)"),
+    ("lorra.r=4", r"unknown config key lorra \(did you mean lora\?\)"),
+    ("train.batch_size=two", r"train.batch_size: expected an integer, got 'two'"),
+    ("train.batch_size=true", r"train.batch_size: expected an integer"),
+    ("lora.targets=[attn]", r"lora.targets\[0\]: 'attn' is not one of .*did you mean 'attention'"),
+    ("method=fulll", r"method: 'fulll' is not one of"),
+    ("method=full", r"model.experts: dequantized"),
+    ("lora.targets=[]", r"nothing would be trained"),
+    ("train.grad_accum=0", r"train.grad_accum must be at least 1"),
+    ("data.eval=/nope/eval.jsonl", r"data.eval: no such file"),
+    ("model.init_preset=null", r"model.path: no such directory"),
+])
+def test_bad_configs_are_named(tmp_path, override, message):
+    with pytest.raises(cfglib.ConfigError, match=message):
+        cfglib.from_dict(_base(tmp_path), [override])
+
+
+def test_missing_required_key_and_file_errors(tmp_path):
+    d = _base(tmp_path)
+    del d["output_dir"]
+    with pytest.raises(cfglib.ConfigError, match="missing required config key output_dir"):
+        cfglib.from_dict(d)
+    (tmp_path / "c.yaml").write_text("model: [1, 2\n")
+    with pytest.raises(cfglib.ConfigError, match=r"c.yaml: invalid YAML"):
+        cfglib.load(tmp_path / "c.yaml")
+    with pytest.raises(cfglib.ConfigError, match="no such config file"):
+        cfglib.load(tmp_path / "missing.yaml")
+
+
+def test_hub_ids_are_not_checked_as_local_paths(tmp_path):
+    d = _base(tmp_path)
+    d["model"] = {"path": "openai/gpt-oss-20b"}
+    d["data"]["train"] = "HuggingFaceH4/Multilingual-Thinking"
+    cfg = cfglib.from_dict(d)
+    assert cfg.model.path == "openai/gpt-oss-20b"
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "configs").glob("*.yaml")), ids=lambda p: p.name)
+def test_shipped_configs_validate(path):
+    d = yaml.safe_load(path.read_text())
+    # Shipped configs point at data and models that may not exist on this machine; the keys, types
+    # and combinations are what is checked here.
+    cfg = cfglib._build(cfglib.Config, d)
+    cfglib.check_combinations(cfg)
+    for key in ("train", "eval"):  # data shipped in the repository must be there
+        path = getattr(cfg.data, key)
+        if path and path.startswith(("recipes/", "configs/", "tests/")):
+            assert (ROOT / path).exists(), f"data.{key}: {path} is missing"
