@@ -8,3 +8,11 @@ __all__ = [
     "Checkpoint", "CheckpointError", "CheckpointWriter", "ConfigError", "GptOssConfig", "PRESETS",
     "mxfp4", "preset", "save", "write_random",
 ]
+
+from .lora import add_lora, load_lora_state_dict, lora_state_dict, merge_lora, peft_config
+from .modeling import CausalLMOutput, GptOssForCausalLM, from_pretrained
+
+__all__ += [
+    "CausalLMOutput", "GptOssForCausalLM", "add_lora", "from_pretrained", "load_lora_state_dict",
+    "lora_state_dict", "merge_lora", "peft_config",
+]

@@ -1,0 +1,244 @@
+"""Expert MLPs of the gpt-oss MoE block: dense trainable, or frozen MXFP4 with optional per-expert LoRA.
+
+One module, `Experts`, with the HF names (DESIGN §4) so checkpoints load with zero renames:
+
+    dense ("dequantized"):  gate_up_proj [E, H, 2I], down_proj [E, I, H]          (HF layout: [E, in, out])
+    frozen MXFP4 ("mxfp4"): gate_up_proj_blocks [E, 2I, H/32, 16] + _scales [E, 2I, H/32],
+                            down_proj_blocks [E, H, I/32, 16] + _scales [E, H, I/32]   (uint8 buffers, [E, out, in])
+    both:                   gate_up_proj_bias [E, 2I], down_proj_bias [E, H]      (trainable parameters)
+
+Routing sorts the (token, slot) pairs by expert and runs one matmul per contiguous group: no per-token
+loop and no tokens x experts x k one-hot (DESIGN §6). MXFP4 weights are decoded per expert that the
+batch hits, inside forward, and decoded again in backward (`_MxFP4Matmul`): no dequantized copy of
+an expert outlives the matmul that needs it.
+
+Expert LoRA is stored exactly as PEFT's `target_parameters` writes it for transformers' GptOss
+(verified against peft 0.21: `LoraConfig(target_parameters=["mlp.experts.gate_up_proj",
+"mlp.experts.down_proj"])` nests two `ParamWrapper`s, down_proj outside, so gate_up's factors live
+under `mlp.experts.base_layer.` and down's under `mlp.experts.`):
+
+    lora_A.weight [r*E, in]   expert e uses rows    e*r .. e*r+r-1        (A.view(E, r, in)[e])
+    lora_B.weight [out, r*E]  expert e uses columns j*E + e, j < r         (B.view(out, r, E)[:, :, e])
+
+and the update for expert e is `x @ W_e + scaling * (x @ A_e^T) @ B_e^T`, scaling = alpha / r
+(PEFT `ParamWrapper.get_delta_weight`). We compute it as two thin matmuls per expert group and never
+form `B A` for all experts, which is what makes PEFT's expert LoRA slow and memory-hungry.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from . import mxfp4
+
+SWIGLU_ALPHA = 1.702  # gpt-oss's sigmoid slope (OpenAI reference `swiglu`, HF `GptOssExperts.alpha`)
+EXPERT_PROJS = ("gate_up_proj", "down_proj")
+
+
+def swiglu_reference(h: torch.Tensor, limit: float) -> torch.Tensor:
+    """gpt-oss's clamped SwiGLU on interleaved `h [..., 2I]` (even = gate, odd = up) -> `[..., I]`.
+
+    The gate is clamped from above only, up on both sides, and up gets +1 (OpenAI reference model.py).
+    """
+    gate = h[..., 0::2].clamp(max=limit)
+    up = h[..., 1::2].clamp(min=-limit, max=limit)
+    return gate * torch.sigmoid(SWIGLU_ALPHA * gate) * (up + 1)
+
+
+class _ClampedSwiGLU(torch.autograd.Function):
+    """`swiglu_reference` that saves only its input and recomputes in backward.
+
+    Plain autograd would keep four `[n, I]` intermediates per expert group (clamped gate, sigmoid,
+    glu, up + 1); this keeps `h` alone, the same tensor the next matmul needs anyway.
+    """
+
+    @staticmethod
+    def forward(ctx, h: torch.Tensor, limit: float) -> torch.Tensor:
+        ctx.save_for_backward(h)
+        ctx.limit = limit
+        return swiglu_reference(h, limit)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        (h,) = ctx.saved_tensors
+        with torch.enable_grad():
+            h = h.detach().requires_grad_()
+            out = swiglu_reference(h, ctx.limit)
+        (dh,) = torch.autograd.grad(out, h, grad)
+        return dh, None
+
+
+class _MxFP4Matmul(torch.autograd.Function):
+    """`x [n, in] @ W^T` with `W [out, in]` stored as MXFP4; W is frozen, so only x gets a gradient.
+
+    The decoded W is a temporary in forward and decoded again in backward (DESIGN §6: recompute
+    instead of saving); autograd keeps only references to the uint8 buffers.
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, blocks: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(blocks, scales)
+        w = mxfp4.dequantize(blocks, scales, x.dtype)  # [out, in]
+        return x @ w.t()
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        if not ctx.needs_input_grad[0]:
+            return None, None, None
+        blocks, scales = ctx.saved_tensors
+        w = mxfp4.dequantize(blocks, scales, grad.dtype)  # [out, in]
+        return grad @ w, None, None
+
+
+def lora_per_expert(a: torch.Tensor, b: torch.Tensor, num_experts: int):
+    """PEFT-layout factors `a [r*E, in]`, `b [out, r*E]` -> (A_e [r, in] per e, B_e [out, r] per e).
+
+    Views only; unbind's backward stacks the per-expert grads once instead of E full-size scatters.
+    """
+    r = a.shape[0] // num_experts
+    return a.view(num_experts, r, -1).unbind(0), b.view(b.shape[0], r, num_experts).unbind(2)
+
+
+def lora_delta(a: torch.Tensor, b: torch.Tensor, num_experts: int) -> torch.Tensor:
+    """The dense update `[E, in, out]` (HF layout), unscaled: `A_e^T B_e^T` for each e. Merging only."""
+    r = a.shape[0] // num_experts
+    return torch.einsum("eri,ore->eio", a.view(num_experts, r, -1), b.view(b.shape[0], r, num_experts))
+
+
+class LoRAFactors(nn.Module):
+    """Holds `lora_A` / `lora_B` so their state-dict names match PEFT's (`...base_layer.lora_A.weight`)."""
+
+    def __init__(self, num_experts: int, in_features: int, out_features: int, r: int, *, device=None, dtype=None):
+        super().__init__()
+        self.lora_A = nn.Linear(in_features, r * num_experts, bias=False, device=device, dtype=dtype)
+        self.lora_B = nn.Linear(r * num_experts, out_features, bias=False, device=device, dtype=dtype)
+        # PEFT's default init: A as nn.Linear (kaiming uniform, a=sqrt(5)), B zero, so the update starts at 0.
+        nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))
+        nn.init.zeros_(self.lora_B.weight)
+
+
+class Experts(nn.Module):
+    """The E expert MLPs of one layer; `fmt` "mxfp4" (frozen MXFP4 buffers) or "dequantized" (dense params)."""
+
+    def __init__(self, config, *, fmt: str = "dequantized", device=None, dtype=None):
+        super().__init__()
+        if fmt not in ("mxfp4", "dequantized"):
+            raise ValueError(f"experts must be 'mxfp4' or 'dequantized', got {fmt!r}")
+        e, h, i = config.num_local_experts, config.hidden_size, config.intermediate_size
+        self.num_experts, self.hidden_size, self.intermediate_size = e, h, i
+        self.limit = config.swiglu_limit
+        self.fmt = fmt
+        if fmt == "dequantized":
+            self.gate_up_proj = nn.Parameter(torch.empty(e, h, 2 * i, device=device, dtype=dtype))
+            self.down_proj = nn.Parameter(torch.empty(e, i, h, device=device, dtype=dtype))
+        else:
+            u8 = dict(device=device, dtype=torch.uint8)
+            self.register_buffer("gate_up_proj_blocks", torch.zeros(e, 2 * i, h // 32, 16, **u8))
+            self.register_buffer("gate_up_proj_scales", torch.zeros(e, 2 * i, h // 32, **u8))
+            self.register_buffer("down_proj_blocks", torch.zeros(e, h, i // 32, 16, **u8))
+            self.register_buffer("down_proj_scales", torch.zeros(e, h, i // 32, **u8))
+        self.gate_up_proj_bias = nn.Parameter(torch.zeros(e, 2 * i, device=device, dtype=dtype))
+        self.down_proj_bias = nn.Parameter(torch.zeros(e, h, device=device, dtype=dtype))
+        self.lora_scaling = 0.0  # alpha / r once `add_lora` ran
+
+    # -- LoRA ------------------------------------------------------------------------------------
+    @property
+    def has_lora(self) -> bool:
+        return hasattr(self, "lora_A")
+
+    def add_lora(self, r: int, alpha: float) -> None:
+        """Attach zero-initialised expert LoRA on gate_up_proj (`base_layer.lora_*`) and down_proj (`lora_*`)."""
+        if self.has_lora:
+            raise ValueError("experts already carry LoRA")
+        e, h, i = self.num_experts, self.hidden_size, self.intermediate_size
+        like = self.gate_up_proj_bias
+        kw = dict(device=like.device, dtype=like.dtype)
+        # PEFT's nesting: ParamWrapper(down_proj) wraps ParamWrapper(gate_up_proj) wraps GptOssExperts.
+        self.base_layer = LoRAFactors(e, h, 2 * i, r, **kw)
+        down = LoRAFactors(e, i, h, r, **kw)
+        self.lora_A, self.lora_B = down.lora_A, down.lora_B
+        self.lora_scaling = alpha / r
+
+    def _lora_weights(self, proj: str) -> tuple[torch.Tensor, torch.Tensor] | None:
+        if not self.has_lora:
+            return None
+        holder = self.base_layer if proj == "gate_up_proj" else self
+        return holder.lora_A.weight, holder.lora_B.weight
+
+    def dense_weight(self, proj: str) -> torch.Tensor:
+        """`proj` as a dense HF-layout tensor `[E, in, out]` without LoRA (a full decode for MXFP4)."""
+        if self.fmt == "dequantized":
+            return getattr(self, proj)
+        w = mxfp4.dequantize(getattr(self, proj + "_blocks"), getattr(self, proj + "_scales"),
+                             self.gate_up_proj_bias.dtype)
+        return w.transpose(1, 2)
+
+    @torch.no_grad()
+    def merge_lora(self) -> None:
+        """Fold LoRA into the weights and drop it. MXFP4 experts become dense ("dequantized") experts:
+        the merged update is not representable in MXFP4 without requantizing (DESIGN §6)."""
+        if not self.has_lora:
+            return
+        dtype = self.gate_up_proj_bias.dtype
+        merged = {p: self.dense_weight(p) + self.lora_scaling * lora_delta(*self._lora_weights(p), self.num_experts).to(dtype)
+                  for p in EXPERT_PROJS}
+        for p in EXPERT_PROJS:
+            if self.fmt == "mxfp4":
+                delattr(self, p + "_blocks")
+                delattr(self, p + "_scales")
+            else:
+                delattr(self, p)
+            setattr(self, p, nn.Parameter(merged[p].contiguous(), requires_grad=False))
+        self.fmt = "dequantized"
+        del self.base_layer, self.lora_A, self.lora_B
+        self.lora_scaling = 0.0
+
+    # -- forward ---------------------------------------------------------------------------------
+    def forward(self, x: torch.Tensor, expert_idx: torch.Tensor, expert_weight: torch.Tensor) -> torch.Tensor:
+        """x [N, H]; expert_idx [N, k] (long); expert_weight [N, k] -> [N, H] = sum_k w * expert(x)."""
+        n_tokens, k = expert_idx.shape
+        flat = expert_idx.reshape(-1)  # [N*k]: slot s belongs to token s // k
+        order = torch.argsort(flat, stable=True)
+        counts = torch.bincount(flat, minlength=self.num_experts).tolist()  # one host sync per layer
+        token = order // k  # [N*k], sorted by expert
+        xs = x[token]  # [N*k, H]: each expert's tokens now contiguous
+        w1, w2 = self._weights("gate_up_proj"), self._weights("down_proj")
+        b1, b2 = self.gate_up_proj_bias.unbind(0), self.down_proj_bias.unbind(0)
+        l1, l2 = (self._lora_weights(p) for p in EXPERT_PROJS)
+        l1 = lora_per_expert(*l1, self.num_experts) if l1 is not None else None  # (A_e [r, H], B_e [2I, r])
+        l2 = lora_per_expert(*l2, self.num_experts) if l2 is not None else None  # (A_e [r, I], B_e [H, r])
+        outs, start = [], 0
+        for e, n in enumerate(counts):
+            if n == 0:
+                continue
+            xe = xs[start:start + n]  # [n, H]
+            h = self._matmul(xe, w1, e) + b1[e]  # [n, 2I]
+            if l1 is not None:
+                h = h + self.lora_scaling * ((xe @ l1[0][e].t()) @ l1[1][e].t())
+            a = _ClampedSwiGLU.apply(h, self.limit)  # [n, I]
+            y = self._matmul(a, w2, e) + b2[e]  # [n, H]
+            if l2 is not None:
+                y = y + self.lora_scaling * ((a @ l2[0][e].t()) @ l2[1][e].t())
+            outs.append(y)
+            start += n
+        ys = torch.cat(outs) * expert_weight.reshape(-1)[order].unsqueeze(-1).to(x.dtype)  # [N*k, H]
+        return x.new_zeros(n_tokens, x.shape[-1]).index_add(0, token, ys)
+
+    def _weights(self, proj: str):
+        if self.fmt == "dequantized":
+            return getattr(self, proj).unbind(0)  # E views [in, out]; backward stacks the grads once
+        return getattr(self, proj + "_blocks"), getattr(self, proj + "_scales")
+
+    def _matmul(self, x: torch.Tensor, weights, e: int) -> torch.Tensor:
+        if self.fmt == "dequantized":
+            return x @ weights[e]
+        blocks, scales = weights
+        return _MxFP4Matmul.apply(x, blocks[e], scales[e])
+
+    def extra_repr(self) -> str:
+        lora = f", lora_r={self.lora_A.weight.shape[0] // self.num_experts}" if self.has_lora else ""
+        return f"{self.fmt}, experts={self.num_experts}, hidden={self.hidden_size}, width={self.intermediate_size}{lora}"

@@ -1,0 +1,162 @@
+"""LoRA (arXiv:2106.09685) on gpt-oss in PEFT's layout for transformers' GptOss.
+
+Our module names equal transformers' and we attach adapters where PEFT does, so with the prefix
+`base_model.model.` our LoRA names are PEFT's saved adapter keys (checked against peft 0.21):
+
+    attention  target_modules q_proj k_proj v_proj o_proj   ...self_attn.q_proj.lora_A.weight [r, in], lora_B [out, r]
+    router     target_parameters mlp.router.weight          ...mlp.router.lora_A.weight [r, H], lora_B [E, r]
+    experts    target_parameters mlp.experts.gate_up_proj   ...mlp.experts.base_layer.lora_A.weight [r*E, H], lora_B [2I, r*E]
+               target_parameters mlp.experts.down_proj      ...mlp.experts.lora_A.weight [r*E, I], lora_B [H, r*E]
+
+(the router is not an nn.Linear in transformers, so PEFT reaches it as a parameter; expert layout
+in `experts.py`). Scaling is PEFT's default alpha / r (no rsLoRA); B starts at zero so a fresh
+adapter leaves the logits unchanged. PEFT's parameter wrappers have no dropout, so dropout applies
+to attention only and must be 0 when experts or the router are targeted.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .experts import Experts
+
+PEFT_PREFIX = "base_model.model."
+ATTENTION_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj")
+EXPERT_PARAMETERS = ("mlp.experts.gate_up_proj", "mlp.experts.down_proj")  # this order gives PEFT's nesting
+ROUTER_PARAMETER = "mlp.router.weight"
+TARGETS = ("attention", "experts", "router")
+
+
+class LoRALinear(nn.Linear):
+    """An nn.Linear (same `weight`/`bias` parameters, same names) plus `lora_A`/`lora_B`."""
+
+    def __init__(self, base: nn.Linear, r: int, alpha: float, dropout: float):
+        nn.Module.__init__(self)
+        self.in_features, self.out_features = base.in_features, base.out_features
+        self.weight, self.bias = base.weight, base.bias
+        kw = dict(device=base.weight.device, dtype=base.weight.dtype)
+        self.lora_A = nn.Linear(base.in_features, r, bias=False, **kw)
+        self.lora_B = nn.Linear(r, base.out_features, bias=False, **kw)
+        nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))  # PEFT's default init
+        nn.init.zeros_(self.lora_B.weight)
+        self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.scaling = alpha / r
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight, self.bias) + self.lora_B(self.lora_A(self.lora_dropout(x))) * self.scaling
+
+    @torch.no_grad()
+    def merged(self) -> nn.Linear:
+        """A plain nn.Linear holding W + scaling * B A (the same parameter objects, updated in place)."""
+        self.weight += (self.lora_B.weight @ self.lora_A.weight * self.scaling).to(self.weight.dtype)
+        base = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None, device="meta")
+        base.weight, base.bias = self.weight, self.bias
+        return base
+
+
+def _layers(model):
+    return model.model.layers
+
+
+def add_lora(model, *, r: int, alpha: float, dropout: float = 0.0,
+             targets=("attention", "experts"), router: bool = False) -> None:
+    """Attach zero-initialised LoRA to `targets` ("attention", "experts", "router"; `router=True` adds
+    the router too) and freeze everything else, as PEFT's `get_peft_model` does; unfreeze more
+    afterwards if wanted."""
+    targets = set(targets) | ({"router"} if router else set())
+    if unknown := targets - set(TARGETS):
+        raise ValueError(f"unknown LoRA targets {sorted(unknown)}; choose from {TARGETS}")
+    if not targets:
+        raise ValueError("add_lora needs at least one target")
+    if r <= 0:
+        raise ValueError(f"LoRA rank r must be positive, got {r}")
+    if dropout and targets & {"experts", "router"}:
+        raise ValueError("lora dropout must be 0 when experts or the router are targeted "
+                         "(PEFT's target_parameters wrappers support no dropout)")
+    if getattr(model, "lora_settings", None):
+        raise ValueError("the model already carries LoRA adapters")
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for layer in _layers(model):
+        if "attention" in targets:
+            for name in ATTENTION_MODULES:
+                setattr(layer.self_attn, name, LoRALinear(getattr(layer.self_attn, name), r, alpha, dropout))
+        if "router" in targets:
+            layer.mlp.router = LoRALinear(layer.mlp.router, r, alpha, 0.0)
+        if "experts" in targets:
+            layer.mlp.experts.add_lora(r, alpha)
+    model.lora_settings = {"r": r, "alpha": alpha, "dropout": float(dropout),
+                           "targets": tuple(t for t in TARGETS if t in targets)}
+
+
+def lora_state_dict(model) -> dict[str, torch.Tensor]:
+    """The adapter weights under PEFT's saved keys (`base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight`, ...)."""
+    return {PEFT_PREFIX + name: p.detach() for name, p in model.named_parameters() if _is_lora(name)}
+
+
+def _is_lora(name: str) -> bool:
+    return ".lora_A." in name or ".lora_B." in name
+
+
+def load_lora_state_dict(model, sd: dict[str, torch.Tensor]) -> None:
+    """Copy PEFT-keyed adapter weights into a model that `add_lora` prepared with the same targets.
+    Keys with PEFT's in-memory adapter name (`lora_A.default.weight`) are accepted too."""
+    own = dict(model.named_parameters())
+    want = {PEFT_PREFIX + n for n in own if _is_lora(n)}
+    given = {k.replace(".default.", "."): v for k, v in sd.items()}
+    missing, unexpected = sorted(want - set(given)), sorted(set(given) - want)
+    if missing or unexpected:
+        raise KeyError(f"LoRA state dict does not match the model: missing {missing[:3]}, unexpected {unexpected[:3]}")
+    with torch.no_grad():
+        for key, value in given.items():
+            param = own[key[len(PEFT_PREFIX):]]
+            if param.shape != value.shape:
+                raise ValueError(f"{key}: shape {tuple(value.shape)}, model has {tuple(param.shape)}")
+            param.copy_(value)
+
+
+def peft_config(model) -> dict:
+    """The adapter_config.json body PEFT reads (base_model_name_or_path is left to the caller)."""
+    s = getattr(model, "lora_settings", None)
+    if not s:
+        raise ValueError("the model has no LoRA adapters (call add_lora first)")
+    target_parameters = []
+    if "experts" in s["targets"]:
+        target_parameters += list(EXPERT_PARAMETERS)
+    if "router" in s["targets"]:
+        target_parameters.append(ROUTER_PARAMETER)
+    return {
+        "peft_type": "LORA",
+        "task_type": "CAUSAL_LM",
+        "base_model_name_or_path": None,
+        "r": s["r"],
+        "lora_alpha": s["alpha"],
+        "lora_dropout": s["dropout"],
+        "target_modules": list(ATTENTION_MODULES) if "attention" in s["targets"] else [],
+        "target_parameters": target_parameters,
+        "bias": "none",
+        "use_rslora": False,
+        "fan_in_fan_out": False,
+        "init_lora_weights": True,
+        "inference_mode": True,
+    }
+
+
+def merge_lora(model) -> None:
+    """Fold every adapter into its base weight and remove the adapters. MXFP4 experts become dense
+    ("dequantized") experts: the merged weights are no longer MXFP4 values (requantize on export).
+    Merged weights stay frozen, as they were under LoRA."""
+    for layer in _layers(model):
+        attn = layer.self_attn
+        for name in ATTENTION_MODULES:
+            if isinstance(getattr(attn, name), LoRALinear):
+                setattr(attn, name, getattr(attn, name).merged())
+        if isinstance(layer.mlp.router, LoRALinear):
+            layer.mlp.router = layer.mlp.router.merged()
+        experts: Experts = layer.mlp.experts
+        experts.merge_lora()
+    model.lora_settings = None

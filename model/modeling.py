@@ -1,0 +1,420 @@
+"""gpt-oss in plain PyTorch, shaped like OpenAI's reference (`gpt_oss/torch/model.py`), with HF names.
+
+Parameter names equal transformers' `GptOssForCausalLM` (DESIGN §3), so HF checkpoints load with
+zero renames and OpenAI's original/ layout loads through `Checkpoint`'s name table. The facts
+(DESIGN §4): attention with one learned sink logit per head, sliding window on sliding layers, GQA,
+YaRN RoPE (arXiv:2309.00071) on half-split dims, q/k/v/o biases; a top-k router with softmax over
+the chosen k; clamped interleaved SwiGLU experts (`experts.py`); RMSNorm.
+
+Training-time memory (DESIGN §6): with labels, logits are computed only at labeled positions, in
+chunks that are recomputed in backward; `gradient_checkpointing_enable()` recomputes each decoder
+layer; `attn_implementation="sdpa"` runs a fused kernel that never materialises `T x T` scores and
+adds the sink through the log-sum-exp (CPU today; other devices use the eager path).
+
+Packed batches: `position_ids` restart at 0 where an example begins; attention never crosses such
+a boundary, and a position never learns to predict the first token of the next example.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from . import mxfp4
+from .checkpoint import Checkpoint
+from .config import FULL, SLIDING, GptOssConfig
+from .experts import EXPERT_PROJS, Experts
+
+IGNORE_INDEX = -100  # HF's label convention
+ATTN_IMPLEMENTATIONS = ("eager", "sdpa")
+
+
+@dataclass
+class CausalLMOutput:
+    logits: torch.Tensor | None = None
+    """[B, T, V] when no labels are given; None with labels (never materialised in training)."""
+    loss: torch.Tensor | None = None
+    """Mean cross-entropy over the labeled target tokens."""
+    n_tokens: int = 0
+    """Number of labeled target tokens behind `loss` (for exact gradient accumulation)."""
+    aux_loss: torch.Tensor | None = None
+    """Router load-balancing loss (with `return_aux_loss=True`); the trainer adds coef * aux_loss."""
+
+
+# -- norms and rotary embeddings ------------------------------------------------------------------
+
+class RMSNorm(nn.Module):
+    def __init__(self, hidden_size: int, eps: float, *, device=None, dtype=None):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(hidden_size, device=device, dtype=dtype))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Normalise in fp32 whatever the model dtype (OpenAI reference and HF both do).
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return (xf * self.weight.float()).to(x.dtype)
+
+
+def yarn_inv_freq(config: GptOssConfig) -> tuple[torch.Tensor, float]:
+    """Per-frequency inverse wavelengths `[head_dim / 2]` (float64) and the cos/sin scale.
+
+    YaRN (arXiv:2309.00071 §3.2, "NTK-by-parts"): frequencies that rotate fewer than beta_slow times
+    over the original context are interpolated (divided by `factor`), those rotating more than
+    beta_fast times are kept, with a linear ramp in between; cos/sin are scaled by the paper's
+    attention temperature `0.1 ln(factor) + 1` ("concentration" in OpenAI's reference).
+    """
+    d = config.head_dim
+    base = config.rope_theta
+    freq = base ** (torch.arange(0, d, 2, dtype=torch.float64, device="cpu") / d)  # [d/2] wavelengths / 2pi
+    rs = config.rope_scaling or {}
+    factor = float(rs.get("factor") or 1.0)
+    if rs.get("rope_type", "yarn") != "yarn" or factor <= 1.0:
+        return 1.0 / freq, 1.0
+    original = rs.get("original_max_position_embeddings", 4096)
+    beta_fast, beta_slow = float(rs.get("beta_fast") or 32.0), float(rs.get("beta_slow") or 1.0)
+
+    def dim_for(rotations: float) -> float:  # the dim index whose frequency turns `rotations` times
+        return d * math.log(original / (rotations * 2 * math.pi)) / (2 * math.log(base))
+
+    low, high = dim_for(beta_fast), dim_for(beta_slow)
+    if rs.get("truncate", True):  # HF's default; gpt-oss sets truncate=False
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, d - 1)
+    if low == high:
+        high += 0.001
+    ramp = ((torch.arange(d // 2, dtype=torch.float64, device="cpu") - low) / (high - low)).clamp(0, 1)
+    keep = 1 - ramp  # 1: extrapolate (keep the frequency), 0: interpolate
+    inv_freq = (1.0 / (factor * freq)) * (1 - keep) + (1.0 / freq) * keep
+    return inv_freq, 0.1 * math.log(factor) + 1.0
+
+
+class RotaryEmbedding(nn.Module):
+    """cos/sin `[B, T, head_dim/2]` for given positions; no buffers (cheap, and meta-device safe)."""
+
+    def __init__(self, config: GptOssConfig):
+        super().__init__()
+        inv_freq, self.scale = yarn_inv_freq(config)
+        self.inv_freq = inv_freq.tolist()
+
+    def forward(self, position_ids: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        inv_freq = torch.tensor(self.inv_freq, dtype=torch.float32, device=position_ids.device)
+        angles = position_ids.float().unsqueeze(-1) * inv_freq  # [B, T, d/2]
+        return (angles.cos() * self.scale).to(dtype), (angles.sin() * self.scale).to(dtype)
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x [B, T, heads, d]; half-split pairs (i, i + d/2) rotate together (not interleaved)."""
+    x1, x2 = x.chunk(2, dim=-1)
+    cos, sin = cos.unsqueeze(2), sin.unsqueeze(2)  # [B, T, 1, d/2]
+    return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
+
+
+# -- attention -------------------------------------------------------------------------------------
+
+def attention_masks(position_ids: torch.Tensor, config: GptOssConfig) -> dict[str, torch.Tensor]:
+    """Boolean "may attend" masks `[B or 1, 1, T, T]` per layer kind, from the positions alone.
+
+    An example starts where position_ids == 0; query i sees key j when both lie in the same example,
+    j <= i, and on sliding layers i - j < sliding_window (the token itself and window - 1 before).
+    """
+    if (position_ids == position_ids[:1]).all():
+        position_ids = position_ids[:1]  # one mask serves every row
+    t = position_ids.shape[1]
+    segment = (position_ids == 0).cumsum(-1)  # [B, T]
+    idx = torch.arange(t, device=position_ids.device)
+    dist = idx[:, None] - idx[None, :]  # [T, T]: query - key
+    same = segment[:, :, None] == segment[:, None, :]  # [B, T, T]
+    full = same & (dist >= 0)
+    sliding = full & (dist < config.sliding_window)
+    return {FULL: full.unsqueeze(1), SLIDING: sliding.unsqueeze(1)}
+
+
+def eager_attention(q, k, v, sinks, allowed, scale):
+    """The reference: q [B, nH, T, d], k/v [B, nH, T, d] (kv already repeated), sinks [nH], allowed bool mask.
+
+    The sink is one extra logit per head in the softmax denominator with no value (OpenAI reference
+    `sdpa`): probabilities over real keys sum to less than one.
+    """
+    b, nh, t, _ = q.shape
+    scores = (q @ k.transpose(-1, -2)) * scale  # [B, nH, T, T]
+    scores = scores.masked_fill(~allowed, float("-inf"))
+    sink = sinks.to(scores.dtype).view(1, nh, 1, 1).expand(b, nh, t, 1)
+    probs = torch.softmax(torch.cat([scores, sink], dim=-1).float(), dim=-1)[..., :-1]
+    return probs.to(v.dtype) @ v  # [B, nH, T, d]
+
+
+class _SinkFlashAttentionCPU(torch.autograd.Function):
+    """Fused attention with sinks on PyTorch's CPU flash kernel, which returns the log-sum-exp.
+
+    With a sink logit s, softmax over [scores, s] gives the sink-free output times
+    sigmoid(lse - s) = exp(lse - lse'), lse' = logaddexp(lse, s) (DESIGN §6). Backward is the
+    kernel's own backward run with lse' and the sinked output: it then recomputes the sinked
+    probabilities exp(S - lse') and D = rowsum(dO * O) of the sinked softmax, which is exactly the
+    gradient of softmax-with-sink. The sink's own gradient is -sum_rows p_sink * rowsum(dO * O).
+    """
+
+    @staticmethod
+    def forward(ctx, q, k, v, sinks, bias, scale):
+        out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+            q, k, v, 0.0, False, attn_mask=bias, scale=scale)  # out [B, nH, T, d], lse [B, nH, T] fp32
+        lse_all = torch.logaddexp(lse, sinks.float().view(1, -1, 1))
+        y = out * torch.exp(lse - lse_all).unsqueeze(-1).to(out.dtype)
+        ctx.save_for_backward(q, k, v, sinks, bias, y, lse_all)
+        ctx.scale = scale
+        return y
+
+    @staticmethod
+    def backward(ctx, grad):
+        q, k, v, sinks, bias, y, lse_all = ctx.saved_tensors
+        grad = grad.contiguous()
+        dq, dk, dv = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
+            grad, q, k, v, y, lse_all, 0.0, False, attn_mask=bias, scale=ctx.scale)
+        p_sink = torch.exp(sinks.float().view(1, -1, 1) - lse_all)  # [B, nH, T]
+        dsinks = -(p_sink * (grad.float() * y.float()).sum(-1)).sum((0, 2))
+        return dq, dk, dv, dsinks.to(sinks.dtype), None, None
+
+
+class Attention(nn.Module):
+    def __init__(self, config: GptOssConfig, layer_idx: int, *, device=None, dtype=None):
+        super().__init__()
+        h, d = config.hidden_size, config.head_dim
+        self.num_heads, self.num_kv_heads, self.head_dim = config.num_attention_heads, config.num_key_value_heads, d
+        kw = dict(bias=config.attention_bias, device=device, dtype=dtype)
+        self.q_proj = nn.Linear(h, self.num_heads * d, **kw)
+        self.k_proj = nn.Linear(h, self.num_kv_heads * d, **kw)
+        self.v_proj = nn.Linear(h, self.num_kv_heads * d, **kw)
+        self.o_proj = nn.Linear(self.num_heads * d, h, **kw)
+        self.sinks = nn.Parameter(torch.zeros(self.num_heads, device=device, dtype=dtype))
+        self.kind = SLIDING if config.is_sliding(layer_idx) else FULL
+        self.scale = d ** -0.5
+
+    def forward(self, x, cos, sin, masks: dict, impl: str) -> torch.Tensor:
+        b, t, _ = x.shape
+        q = apply_rotary(self.q_proj(x).view(b, t, self.num_heads, self.head_dim), cos, sin)
+        k = apply_rotary(self.k_proj(x).view(b, t, self.num_kv_heads, self.head_dim), cos, sin)
+        v = self.v_proj(x).view(b, t, self.num_kv_heads, self.head_dim)
+        # GQA: query head j reads kv head j // (nH / nKV).
+        rep = self.num_heads // self.num_kv_heads
+        q, k, v = (z.transpose(1, 2) for z in (q, k, v))  # [B, heads, T, d]
+        k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+        mask = masks[self.kind]
+        if impl == "sdpa":
+            bias = mask.expand(b, 1, t, t)
+            out = _SinkFlashAttentionCPU.apply(q.contiguous(), k.contiguous(), v.contiguous(), self.sinks, bias, self.scale)
+        else:
+            out = eager_attention(q, k, v, self.sinks, mask, self.scale)
+        return self.o_proj(out.transpose(1, 2).reshape(b, t, self.num_heads * self.head_dim))
+
+
+# -- MoE and the decoder layer -----------------------------------------------------------------------
+
+class MLPBlock(nn.Module):
+    def __init__(self, config: GptOssConfig, *, experts: str, device=None, dtype=None):
+        super().__init__()
+        self.top_k = config.num_experts_per_tok
+        self.router = nn.Linear(config.hidden_size, config.num_local_experts, bias=True, device=device, dtype=dtype)
+        self.experts = Experts(config, fmt=experts, device=device, dtype=dtype)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """x [B, T, H] -> (y [B, T, H], router logits [B*T, E])."""
+        flat = x.reshape(-1, x.shape[-1])
+        logits = self.router(flat)  # [N, E]
+        top, idx = torch.topk(logits, self.top_k, dim=-1, sorted=True)  # [N, k]
+        weights = torch.softmax(top.float(), dim=-1).to(x.dtype)  # softmax over the chosen k only
+        return self.experts(flat, idx, weights).view_as(x), logits
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, config: GptOssConfig, layer_idx: int, *, experts: str, device=None, dtype=None):
+        super().__init__()
+        kw = dict(device=device, dtype=dtype)
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, **kw)
+        self.self_attn = Attention(config, layer_idx, **kw)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, **kw)
+        self.mlp = MLPBlock(config, experts=experts, **kw)
+
+    def forward(self, x, cos, sin, masks, impl):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, masks, impl)
+        y, router_logits = self.mlp(self.post_attention_layernorm(x))
+        return x + y, router_logits
+
+
+class GptOssModel(nn.Module):
+    def __init__(self, config: GptOssConfig, *, experts: str, device=None, dtype=None):
+        super().__init__()
+        kw = dict(device=device, dtype=dtype)
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, **kw)
+        self.layers = nn.ModuleList(
+            DecoderLayer(config, i, experts=experts, **kw) for i in range(config.num_hidden_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, **kw)
+        self.rotary = RotaryEmbedding(config)
+
+
+def load_balancing_loss(router_logits: list[torch.Tensor], num_experts: int, top_k: int) -> torch.Tensor:
+    """Switch Transformer's auxiliary loss (arXiv:2101.03961 eqs. 4-6), pooled over layers as
+    transformers' `load_balancing_loss_func` does: E * sum_e f_e * P_e, where f_e is the share of
+    top-k slots routed to e (over the full softmax's top-k) and P_e its mean router probability."""
+    counts = router_logits[0].new_zeros(num_experts, dtype=torch.float32)
+    prob_sum = router_logits[0].new_zeros(num_experts, dtype=torch.float32)
+    rows = 0
+    for logits in router_logits:  # [N, E] per layer
+        probs = torch.softmax(logits.float(), dim=-1)
+        chosen = torch.topk(probs, top_k, dim=-1).indices.reshape(-1)
+        counts = counts + torch.bincount(chosen, minlength=num_experts).float()
+        prob_sum = prob_sum + probs.sum(0)
+        rows += logits.shape[0]
+    return num_experts * torch.sum((counts / rows) * (prob_sum / rows))
+
+
+class GptOssForCausalLM(nn.Module):
+    """gpt-oss with HF parameter names; `experts` "mxfp4" (frozen MXFP4 buffers) or "dequantized" (dense)."""
+
+    logits_chunk_size = 1024
+    """Labeled rows per chunk of the loss: at V = 201088 one chunk of fp32 logits is 0.8 GB."""
+
+    def __init__(self, config: GptOssConfig, *, experts: str = "dequantized", attn_implementation: str = "sdpa",
+                 device=None, dtype=None):
+        super().__init__()
+        self.config = config
+        kw = dict(device=device, dtype=dtype)
+        self.model = GptOssModel(config, experts=experts, **kw)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False, **kw)
+        if config.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+        self.attn_implementation = attn_implementation
+        self.gradient_checkpointing = False
+
+    # -- switches ---------------------------------------------------------------------------------
+    @property
+    def attn_implementation(self) -> str:
+        return self._attn_implementation
+
+    @attn_implementation.setter
+    def attn_implementation(self, impl: str) -> None:
+        if impl not in ATTN_IMPLEMENTATIONS:
+            raise ValueError(f"attn_implementation must be one of {ATTN_IMPLEMENTATIONS}, got {impl!r}")
+        self._attn_implementation = impl
+
+    def gradient_checkpointing_enable(self) -> None:
+        """Recompute each decoder layer in backward instead of keeping its activations."""
+        self.gradient_checkpointing = True
+
+    def gradient_checkpointing_disable(self) -> None:
+        self.gradient_checkpointing = False
+
+    def _impl_for(self, x: torch.Tensor) -> str:
+        if self._attn_implementation == "sdpa" and x.device.type != "cpu":
+            # The fused path uses PyTorch's CPU flash kernel; other devices get the exact eager math.
+            if not getattr(self, "_warned_sdpa", False):
+                warnings.warn(f"attn_implementation='sdpa' is fused on CPU only; using eager attention on {x.device.type}")
+                self._warned_sdpa = True
+            return "eager"
+        return self._attn_implementation
+
+    # -- forward ----------------------------------------------------------------------------------
+    def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None,
+                position_ids: torch.Tensor | None = None, *, return_aux_loss: bool = False) -> CausalLMOutput:
+        """input_ids [B, T]; labels [B, T] aligned with input_ids (shifted here; -100 ignored);
+        position_ids [B, T] (default arange; restart at 0 where a packed example begins)."""
+        b, t = input_ids.shape
+        if position_ids is None:
+            position_ids = torch.arange(t, device=input_ids.device).expand(b, t)
+        x = self.model.embed_tokens(input_ids)  # [B, T, H]
+        impl = self._impl_for(x)
+        cos, sin = self.model.rotary(position_ids, x.dtype)
+        masks = attention_masks(position_ids, self.config)
+        if impl == "sdpa":  # the flash kernel takes an additive bias of the query dtype
+            masks = {kind: torch.zeros(m.shape, dtype=x.dtype, device=x.device).masked_fill_(~m, float("-inf"))
+                     for kind, m in masks.items()}
+        router_logits = []
+        for layer in self.model.layers:
+            if self.gradient_checkpointing and torch.is_grad_enabled():
+                x, logits = checkpoint(layer, x, cos, sin, masks, impl, use_reentrant=False)
+            else:
+                x, logits = layer(x, cos, sin, masks, impl)
+            router_logits.append(logits)
+        x = self.model.norm(x)
+        out = CausalLMOutput()
+        if return_aux_loss:
+            out.aux_loss = load_balancing_loss(router_logits, self.config.num_local_experts,
+                                               self.config.num_experts_per_tok)
+        if labels is None:
+            out.logits = self.lm_head(x)  # [B, T, V]
+            return out
+        out.loss, out.n_tokens = self._loss(x, labels, position_ids)
+        return out
+
+    def _loss(self, x: torch.Tensor, labels: torch.Tensor, position_ids: torch.Tensor):
+        """Mean next-token cross-entropy over labeled targets; logits only for those rows, in chunks."""
+        targets = labels[:, 1:]  # position t predicts token t + 1
+        keep = (targets != IGNORE_INDEX) & (position_ids[:, 1:] != 0)  # never across a packed boundary
+        hidden = x[:, :-1][keep]  # [n, H]
+        targets = targets[keep]  # [n]
+        n = targets.numel()
+        if n == 0:
+            return x.sum() * 0.0, 0
+        total = x.new_zeros((), dtype=torch.float32)
+        for i in range(0, n, self.logits_chunk_size):
+            h, y = hidden[i:i + self.logits_chunk_size], targets[i:i + self.logits_chunk_size]
+            if torch.is_grad_enabled():  # recompute the chunk's logits in backward instead of keeping them
+                total = total + checkpoint(self._ce_sum, h, y, use_reentrant=False)
+            else:
+                total = total + self._ce_sum(h, y)
+        return total / n, n
+
+    def _ce_sum(self, h: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return F.cross_entropy(self.lm_head(h).float(), y, reduction="sum")
+
+    # -- loading ----------------------------------------------------------------------------------
+    @classmethod
+    def from_pretrained(cls, path, *, dtype: torch.dtype = torch.bfloat16, experts: str = "mxfp4",
+                        device="cpu", attn_implementation: str = "sdpa") -> "GptOssForCausalLM":
+        """An HF directory (MXFP4 or dense experts), an original-layout directory, an HF directory
+        with `original/`, or a hub id. experts="mxfp4" keeps experts as frozen MXFP4 buffers (a dense
+        checkpoint is quantized on load, bit-exact when its values came from MXFP4); "dequantized"
+        gives dense trainable experts. Floating-point parameters come back with requires_grad=True."""
+        if experts not in ("mxfp4", "dequantized"):
+            raise ValueError(f"experts must be 'mxfp4' or 'dequantized', got {experts!r}")
+        ckpt = Checkpoint(path)
+        ckpt.validate()
+        config = ckpt.config
+        with torch.device("meta"):
+            model = cls(config, experts=experts, attn_implementation=attn_implementation, dtype=dtype)
+        state = {}
+        for name in model.state_dict():
+            if name == "lm_head.weight" and config.tie_word_embeddings:
+                continue
+            state[name] = _load_tensor(ckpt, name, experts, dtype).to(device)
+        model.load_state_dict(state, strict=not config.tie_word_embeddings, assign=True)
+        if config.tie_word_embeddings:
+            model.lm_head.weight = model.model.embed_tokens.weight
+        return model
+
+
+def _load_tensor(ckpt: Checkpoint, name: str, experts: str, dtype: torch.dtype) -> torch.Tensor:
+    """One state-dict entry from the checkpoint, converting expert storage when the formats differ."""
+    parts = name.split(".")
+    if "experts" in parts:
+        layer, leaf = int(parts[2]), parts[-1]
+        if experts == "dequantized" and leaf in EXPERT_PROJS:
+            return ckpt.get_expert_weight(layer, leaf, dtype)  # [E, in, out]
+        if experts == "mxfp4" and ckpt.experts_format == "dense" and leaf.endswith(("_blocks", "_scales")):
+            proj, kind = leaf.rsplit("_", 1)
+            dense = ckpt.get(name.rsplit(".", 1)[0] + "." + proj, torch.float32)  # [E, in, out]
+            blocks, scales = mxfp4.quantize(dense.transpose(1, 2))  # blocks of 32 along `in`
+            return blocks if kind == "blocks" else scales
+    return ckpt.get(name, dtype)
+
+
+def from_pretrained(path, *, dtype: torch.dtype = torch.bfloat16, experts: str = "mxfp4", device="cpu",
+                    attn_implementation: str = "sdpa") -> GptOssForCausalLM:
+    """`model.from_pretrained`: see `GptOssForCausalLM.from_pretrained`."""
+    return GptOssForCausalLM.from_pretrained(path, dtype=dtype, experts=experts, device=device,
+                                             attn_implementation=attn_implementation)
