@@ -39,6 +39,7 @@ def _render_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--on-error", choices=("raise", "skip"), default="raise")
     p.add_argument("--reasoning-effort", choices=("low", "medium", "high"), default=None)
     p.add_argument("--split", default="train", help="dataset split for hub ids (default: train)")
+    p.add_argument("--limit", type=int, default=None, help="human view: show only the first N examples")
 
 
 def _render(args: argparse.Namespace) -> int:
