@@ -27,7 +27,7 @@ from pathlib import Path
 from data.errors import DataError
 from data.formats import FORMATS, announce, detect_format, to_conversation
 from data.harmony import LOSS_ON, REASONING_EFFORTS, render_examples
-from data.tokenizer import PAD
+from data.tokenizer import PAD, get_tokenizer
 
 LOCAL_SUFFIXES = (".jsonl", ".json", ".parquet", ".csv")
 IGNORE_INDEX = -100
@@ -198,6 +198,7 @@ def load_examples(
     _check("loss_on", loss_on, LOSS_ON)
     _check("truncation", truncation, ("drop", "truncate"))
     _check("reasoning_effort", reasoning_effort, (None, *REASONING_EFFORTS))
+    get_tokenizer()  # a missing vocab is one error about the setup, not one per row
     where, rows = read_rows(source, split)
     report = LoadReport(source=where, rows=len(rows))
     if format == "auto":
@@ -356,7 +357,7 @@ def _show(examples: Sequence[Example], limit: int | None) -> None:
     from rich.console import Console
     from rich.text import Text
 
-    from data.tokenizer import STARTOFTEXT, get_tokenizer
+    from data.tokenizer import CALL, END, RETURN, STARTOFTEXT
 
     tok = get_tokenizer()
     console = Console(highlight=False)
@@ -365,15 +366,19 @@ def _show(examples: Sequence[Example], limit: int | None) -> None:
         console.rule(f"example {k} (row {e.row}): {len(e)} tokens, {trained} trained", style="dim")
         text = Text()
         start = 0
-        for i in range(1, len(e) + 1):  # one span per run of equal mask over ordinary/special tokens
-            if i < len(e) and e.loss_mask[i] == e.loss_mask[start] and (e.input_ids[i] >= STARTOFTEXT) == (e.input_ids[start] >= STARTOFTEXT):
+        for i in range(1, len(e) + 1):  # spans of equal mask and kind (special or not), cut after each message
+            ends_message = e.input_ids[i - 1] in (END, RETURN, CALL)
+            if (i < len(e) and not ends_message and e.loss_mask[i] == e.loss_mask[start]
+                    and (e.input_ids[i] >= STARTOFTEXT) == (e.input_ids[start] >= STARTOFTEXT)):
                 continue
             piece = tok.decode(e.input_ids[start:i])
             special = e.input_ids[start] >= STARTOFTEXT
             style = ("bold green" if e.loss_mask[start] else "") + (" cyan" if special else "")
             text.append(piece, style=style.strip() or None)
+            if ends_message and i < len(e):
+                text.append("\n")  # one message per line; the tokens have no newline here
             start = i
-        console.print(text)
+        console.print(text, soft_wrap=True)
     if limit is not None and len(examples) > limit:
         console.print(f"... {len(examples) - limit} more examples (raise --limit to see them)", style="dim")
     console.print("[green bold]green[/]: trained tokens (loss mask 1); [cyan]cyan[/]: special tokens", style="dim")
