@@ -213,10 +213,15 @@ def load_examples(
     chunks = [[r for _, r in rows[i:i + 512]] for i in range(0, len(rows), 512)]
     jobs = [(chunk, format, split_turns, loss_on, reasoning_effort) for chunk in chunks]
     if num_proc and num_proc > 1 and len(chunks) > 1:
+        import gc
         import multiprocessing
 
-        with multiprocessing.get_context("fork").Pool(num_proc) as pool:
-            results = [r for chunk in pool.imap(_render_chunk, jobs) for r in chunk]
+        gc.freeze()  # workers' GC would otherwise touch, and so copy, every object inherited by fork
+        try:
+            with multiprocessing.get_context("fork").Pool(num_proc) as pool:
+                results = [r for chunk in pool.imap(_render_chunk, jobs) for r in chunk]
+        finally:
+            gc.unfreeze()
     else:
         results = [r for job in jobs for r in _render_chunk(job)]
 
