@@ -27,8 +27,6 @@ from collections.abc import Callable, Mapping, Sequence
 
 from data.errors import DataError
 from data.harmony import (
-    BROWSER,
-    PYTHON,
     REASONING_EFFORTS,
     DeveloperContent,
     Message,
