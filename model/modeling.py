@@ -387,19 +387,20 @@ class GptOssForCausalLM(nn.Module):
         config = ckpt.config
         with torch.device("meta"):
             model = cls(config, experts=experts, attn_implementation=attn_implementation, dtype=dtype)
-        state = {}
+        state, quantized = {}, {}
         for name in model.state_dict():
             if name == "lm_head.weight" and config.tie_word_embeddings:
                 continue
-            state[name] = _load_tensor(ckpt, name, experts, dtype).to(device)
+            state[name] = _load_tensor(ckpt, name, experts, dtype, quantized).to(device)
         model.load_state_dict(state, strict=not config.tie_word_embeddings, assign=True)
         if config.tie_word_embeddings:
             model.lm_head.weight = model.model.embed_tokens.weight
         return model
 
 
-def _load_tensor(ckpt: Checkpoint, name: str, experts: str, dtype: torch.dtype) -> torch.Tensor:
-    """One state-dict entry from the checkpoint, converting expert storage when the formats differ."""
+def _load_tensor(ckpt: Checkpoint, name: str, experts: str, dtype: torch.dtype, quantized: dict) -> torch.Tensor:
+    """One state-dict entry from the checkpoint, converting expert storage when the formats differ
+    (`quantized` holds the (blocks, scales) of a dense projection between its two entries)."""
     parts = name.split(".")
     if "experts" in parts:
         layer, leaf = int(parts[2]), parts[-1]
@@ -407,8 +408,11 @@ def _load_tensor(ckpt: Checkpoint, name: str, experts: str, dtype: torch.dtype) 
             return ckpt.get_expert_weight(layer, leaf, dtype)  # [E, in, out]
         if experts == "mxfp4" and ckpt.experts_format == "dense" and leaf.endswith(("_blocks", "_scales")):
             proj, kind = leaf.rsplit("_", 1)
-            dense = ckpt.get(name.rsplit(".", 1)[0] + "." + proj, torch.float32)  # [E, in, out]
-            blocks, scales = mxfp4.quantize(dense.transpose(1, 2))  # blocks of 32 along `in`
+            dense_name = name.rsplit(".", 1)[0] + "." + proj
+            if dense_name not in quantized:
+                dense = ckpt.get(dense_name, torch.float32)  # [E, in, out]
+                quantized[dense_name] = mxfp4.quantize(dense.transpose(1, 2))  # blocks of 32 along `in`
+            blocks, scales = quantized[dense_name] if kind == "blocks" else quantized.pop(dense_name)
             return blocks if kind == "blocks" else scales
     return ckpt.get(name, dtype)
 
