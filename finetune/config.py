@@ -273,6 +273,9 @@ def check_combinations(cfg: Config) -> None:
         )
     if cfg.method == "lora" and not cfg.lora.targets:
         raise ConfigError("lora.targets is empty: nothing would be trained")
+    if cfg.method == "lora" and cfg.lora.dropout > 0 and set(cfg.lora.targets) & {"experts", "router"}:
+        raise ConfigError("lora.dropout must be 0 when lora.targets includes experts or router "
+                          "(PEFT's target_parameters adapters have no dropout); target attention only to use it")
     if len(set(cfg.lora.targets)) != len(cfg.lora.targets):
         raise ConfigError(f"lora.targets has duplicates: {list(cfg.lora.targets)}")
     t = cfg.train

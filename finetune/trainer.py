@@ -162,8 +162,14 @@ def train(config_path: str, overrides: list[str] = (), *, resume: bool = False) 
     precision = cfg.train.precision
     if precision == "auto":
         precision = "bf16" if torch.cuda.is_available() else "fp32"
-    accelerator = Accelerator(mixed_precision="bf16" if precision == "bf16" else "no")
+    # cpu=True on a machine without CUDA makes `accelerate launch --multi_gpu` run DDP over gloo.
+    accelerator = Accelerator(mixed_precision="bf16" if precision == "bf16" else "no",
+                              cpu=not torch.cuda.is_available())
     set_seed(cfg.train.seed)
+    if accelerator.device.type == "cpu":
+        # Some CPU kernels (index_put with accumulate, in the MoE backward) sum in thread order; the
+        # deterministic variants make a resumed run bit-identical to an uninterrupted one.
+        torch.use_deterministic_algorithms(True, warn_only=True)
     out = Path(cfg.output_dir)
     main = accelerator.is_main_process
     if main:

@@ -35,6 +35,7 @@ def test_defaults_and_overrides(tmp_path):
     ("method=fulll", r"method: 'fulll' is not one of"),
     ("method=full", r"model.experts: dequantized"),
     ("lora.targets=[]", r"nothing would be trained"),
+    ("lora.dropout=0.1", r"lora.dropout must be 0 when lora.targets includes experts"),
     ("train.grad_accum=0", r"train.grad_accum must be at least 1"),
     ("data.eval=/nope/eval.jsonl", r"data.eval: no such file"),
     ("model.init_preset=null", r"model.path: no such directory"),
