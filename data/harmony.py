@@ -16,6 +16,7 @@ earlier turns dropped, as at inference.
 
 from __future__ import annotations
 
+import bisect
 import functools
 import json
 from collections.abc import Sequence
@@ -425,9 +426,10 @@ def render_examples(
     """Render a conversation into training examples: `(input_ids, loss_mask)` pairs, one per assistant
     turn (or only the last with `split_turns=False`).
 
-    loss_on: "last_turn" trains every token the model generates in the example's last turn: after
-    each of its messages' `<|start|>assistant`, the header (recipient, channel, content type),
-    `<|message|>`, the content and the terminator. "final_only" trains only the last turn's `final`
+    loss_on: "last_turn" trains every token the model generates in the example's last turn: for each
+    of its messages the header (recipient, channel, content type), `<|message|>`, the content and the
+    terminator, and `<|start|>assistant` too where the model writes it (after its own `<|end|>` in
+    the same turn; not the turn's first, which the harness writes, nor the one after a tool result). "final_only" trains only the last turn's `final`
     messages. "all_assistant" trains every assistant message kept in the example; risky, since
     earlier finals end in `<|end|>`, which teaches the model not to stop.
     A conversation without a system message gets the default one (with `reasoning_effort`).
@@ -465,10 +467,17 @@ def render_examples(
                 loss_on == "all_assistant"
                 or (i > prev and (loss_on == "last_turn" or m.channel == "final"))
             )
+            # After `<|end|>` the model itself writes the next `<|start|>assistant` of its turn (only
+            # `<|return|>` and `<|call|>` stop generation), so that head is trained too; a turn's
+            # first head, and the head after a tool result, are written by the harness.
+            j = keep.index(i)
+            before = msgs[keep[j - 1]] if j > 0 else None
+            continues = (before is not None and before.role == "assistant" and before.recipient in (None, "all")
+                         and bisect.bisect_left(ends, keep[j - 1]) == bisect.bisect_left(ends, i))
             ids += heads[i]
             ids += body
             ids.append(stop)
-            mask += [0] * len(heads[i])
+            mask += [int(trained and continues)] * len(heads[i])
             mask += [int(trained)] * (len(body) + 1)
         examples.append((ids, mask))
     return examples

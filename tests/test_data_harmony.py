@@ -192,12 +192,17 @@ def _expected(msgs, ends, loss_on="last_turn"):
         has_fn = any(c.tools and c.tools.get("functions") and c.tools["functions"].tools
                      for i in keep for c in msgs[i].content if isinstance(c, DeveloperContent))
         mask = []
-        for i in keep:
+        turn_of = {i: next(t for t, e in enumerate(ends) if i <= e) for i in keep}
+        for j, i in enumerate(keep):
             n = len(ENC.render(msgs[i], RenderOptions(conversation_has_function_tools=bool(has_fn))))
             m = msgs[i]
             trained = m.author.role == Role.ASSISTANT and (
                 loss_on == "all_assistant" or (i > prev and (loss_on == "last_turn" or m.channel == "final")))
-            head = 2  # <|start|> and "assistant" (one token: asserted below)
+            # The model writes <|start|>assistant itself right after its own <|end|> in the same turn.
+            before = msgs[keep[j - 1]] if j else None
+            continues = (before is not None and before.author.role == Role.ASSISTANT
+                         and before.recipient in (None, "all") and turn_of[keep[j - 1]] == turn_of[i])
+            head = 0 if continues else 2  # <|start|> and "assistant" (one token: asserted below)
             mask += [0] * n if not trained else [0] * head + [1] * (n - head)
         assert len(mask) == len(ids)
         out.append((ids, mask))
