@@ -18,8 +18,12 @@ ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 
 
-def save_adapter(model, out_dir: str | os.PathLike, *, base_model: str) -> Path:
-    """Write the model's LoRA weights as a PEFT adapter directory, atomically."""
+def save_adapter(model, out_dir: str | os.PathLike, *, base_model: str, state_dict: dict | None = None) -> Path:
+    """Write the model's LoRA weights as a PEFT adapter directory, atomically.
+
+    `state_dict`: the model's full state dict when the live parameters are shards (FSDP, ZeRO-3);
+    its LoRA entries are written instead of the parameters.
+    """
     from model import lora
 
     out = Path(out_dir)
@@ -27,7 +31,11 @@ def save_adapter(model, out_dir: str | os.PathLike, *, base_model: str) -> Path:
     tmp = out.with_name(f".{out.name}.tmp-{uuid.uuid4().hex[:8]}")
     tmp.mkdir()
     try:
-        tensors = {k: v.detach().to("cpu").contiguous() for k, v in lora.lora_state_dict(model).items()}
+        if state_dict is not None:
+            adapter = {lora.PEFT_PREFIX + k: v for k, v in state_dict.items() if lora.is_lora_name(k)}
+        else:
+            adapter = lora.lora_state_dict(model)
+        tensors = {k: v.detach().to("cpu").contiguous() for k, v in adapter.items()}
         save_file(tensors, str(tmp / ADAPTER_WEIGHTS), metadata={"format": "pt"})
         body = dict(lora.peft_config(model))
         base = Path(base_model)

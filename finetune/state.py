@@ -36,13 +36,30 @@ def _fsync_tree(path: Path) -> None:
         os.close(fd)
 
 
+def _full(t: torch.Tensor) -> torch.Tensor:
+    """A whole CPU tensor; under FSDP2 a parameter or its optimizer state is a sharded DTensor, and
+    `full_tensor()` gathers it (a collective: every process calls this)."""
+    if hasattr(t, "full_tensor"):
+        t = t.full_tensor()
+    return t.detach().to("cpu").contiguous()
+
+
+def _like(src: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
+    """`src` (whole, from disk) placed like `ref`: re-sharded when `ref` is a DTensor."""
+    if hasattr(ref, "device_mesh"):
+        from torch.distributed.tensor import distribute_tensor
+
+        return distribute_tensor(src.to(ref.device_mesh.device_type, ref.dtype), ref.device_mesh, ref.placements)
+    return src.to(ref.device, ref.dtype)
+
+
 def _optimizer_tensors(optimizer: torch.optim.Optimizer, names: dict[torch.nn.Parameter, str]):
     """AdamW's per-parameter state keyed by parameter name (stable across runs, unlike ids)."""
     tensors, scalars = {}, {}
-    for p, st in optimizer.state.items():
-        for k, v in st.items():
+    for p in sorted(optimizer.state, key=lambda q: names[q]):  # same order on every process
+        for k, v in optimizer.state[p].items():
             if torch.is_tensor(v):
-                tensors[f"{names[p]}::{k}"] = v.detach().to("cpu").contiguous()
+                tensors[f"{names[p]}::{k}"] = _full(v)
             else:
                 scalars[f"{names[p]}::{k}"] = v
     return tensors, scalars
@@ -50,15 +67,21 @@ def _optimizer_tensors(optimizer: torch.optim.Optimizer, names: dict[torch.nn.Pa
 
 def save_checkpoint(ckpt_dir: Path, step: int, *, trainable: dict[str, torch.Tensor],
                     optimizer: torch.optim.Optimizer, param_names: dict[torch.nn.Parameter, str],
-                    extra: dict, keep: int) -> Path:
-    """Write `ckpt_dir/step-{step}` atomically, then prune to the newest `keep` checkpoints."""
+                    extra: dict, keep: int, is_main: bool = True) -> Path | None:
+    """Write `ckpt_dir/step-{step}` atomically, then prune to the newest `keep` checkpoints.
+
+    Every process calls this (sharded tensors are gathered collectively); the main one writes.
+    """
+    weights = {k: _full(v) for k, v in sorted(trainable.items())}
+    opt_tensors, opt_scalars = _optimizer_tensors(optimizer, param_names)
+    if not is_main:
+        return None
     ckpt_dir.mkdir(parents=True, exist_ok=True)
     final = ckpt_dir / f"step-{step}"
     tmp = ckpt_dir / f".step-{step}.tmp-{uuid.uuid4().hex[:8]}"
     try:
         tmp.mkdir()
-        save_file({k: v.detach().to("cpu").contiguous() for k, v in trainable.items()}, str(tmp / "trainable.safetensors"))
-        opt_tensors, opt_scalars = _optimizer_tensors(optimizer, param_names)
+        save_file(weights, str(tmp / "trainable.safetensors"))
         save_file(opt_tensors, str(tmp / "optimizer.safetensors"))
         rng = {"torch_cpu": torch.get_rng_state()}
         if torch.cuda.is_available():
@@ -113,12 +136,14 @@ def load_checkpoint(path: Path, *, params: dict[str, torch.nn.Parameter], optimi
         raise StateError(f"checkpoint {path} lacks trainable tensors {missing[:3]} (different method or targets?)")
     with torch.no_grad():
         for name, p in params.items():
-            p.copy_(weights[name].to(p.device, p.dtype))
+            p.copy_(_like(weights[name], p))
     for name, p in params.items():
         st = {}
-        for key in ("step", "exp_avg", "exp_avg_sq", "max_exp_avg_sq"):
+        for key in ("exp_avg", "exp_avg_sq", "max_exp_avg_sq"):
             if f"{name}::{key}" in opt:
-                st[key] = opt[f"{name}::{key}"].to(p.device)
+                st[key] = _like(opt[f"{name}::{key}"], p)
+        if f"{name}::step" in opt:  # a scalar count, kept on the CPU as AdamW keeps it
+            st["step"] = opt[f"{name}::step"]
         for full, v in state.get("optimizer_scalars", {}).items():
             pname, key = full.split("::", 1)
             if pname == name:

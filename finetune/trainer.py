@@ -71,7 +71,7 @@ def load_model(cfg: cfglib.Config, device: torch.device):
             if p.requires_grad:
                 p.data = p.data.float()
     if cfg.train.qat:
-        lora.set_qat(m, True)
+        modellib.set_qat(m, True)
     if cfg.model.gradient_checkpointing:
         m.gradient_checkpointing_enable()
     return m
@@ -182,10 +182,14 @@ def train(config_path: str, overrides: list[str] = (), *, resume: bool = False) 
     accelerator.print(data.report)
     model = load_model(cfg, accelerator.device)
     params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    accelerator.print(f"{accelerator.num_processes} process(es), {accelerator.distributed_type.value}, "
+                      f"device {accelerator.device}, precision {precision}")
     accelerator.print(f"trainable parameters: {sum(p.numel() for p in params.values()):,} "
                       f"of {sum(p.numel() for p in model.parameters()):,} ({cfg.method})")
     t = cfg.train
     optimizer = torch.optim.AdamW(params.values(), lr=t.lr, betas=t.betas, weight_decay=t.weight_decay)
+    if accelerator.distributed_type.value == "DEEPSPEED":
+        _deepspeed_setup(model, t)
     model, optimizer = accelerator.prepare(model, optimizer)
     names = {p: n for n, p in zip(params, params.values())}
 
@@ -240,17 +244,30 @@ def train(config_path: str, overrides: list[str] = (), *, resume: bool = False) 
             logger.log({"step": done, "eval_loss": evaluate(model, data.eval_rows, accelerator, t.batch_size)})
         if (t.save_every and done % t.save_every == 0) or done == total:
             accelerator.wait_for_everyone()
-            if main:
-                save_checkpoint(out / "checkpoints", done, trainable={n: p for n, p in params.items()},
-                                optimizer=optimizer, param_names=names,
-                                extra={"elapsed_s": time.perf_counter() - t_start, "total_steps": total},
-                                keep=t.keep_checkpoints)
+            save_checkpoint(out / "checkpoints", done, trainable=params, optimizer=optimizer, param_names=names,
+                            extra={"elapsed_s": time.perf_counter() - t_start, "total_steps": total},
+                            keep=t.keep_checkpoints, is_main=main)
     logger.close()
     accelerator.wait_for_everyone()
+    state = accelerator.get_state_dict(model)  # whole tensors on the main process (a collective)
     if main:
-        _save_final(cfg, accelerator.unwrap_model(model), out)
+        _save_final(cfg, accelerator.unwrap_model(model), state, out)
     accelerator.end_training()
     return out
+
+
+def _deepspeed_setup(model, t: cfglib.TrainSection) -> None:
+    """ZeRO-3: each MoE block is one leaf (gathered whole, not hooked per expert, since a batch
+    touches only some experts). Mid-run checkpoints gather optimizer state that ZeRO partitions in
+    its own format; they are supported on one process, DDP and FSDP2 only."""
+    from deepspeed.utils import set_z3_leaf_modules
+
+    from model.modeling import MLPBlock
+
+    if t.save_every:
+        raise TrainingError("train.save_every is not supported with DeepSpeed (use configs/accelerate/fsdp2.yaml "
+                            "for resumable sharded runs, or set train.save_every: null)")
+    set_z3_leaf_modules(model, [MLPBlock])
 
 
 def _step(model, micro: list[dict], accelerator, t: cfglib.TrainSection) -> tuple[float, int, float]:
@@ -359,14 +376,14 @@ class _Logger:
             self.wandb.finish()
 
 
-def _save_final(cfg: cfglib.Config, model, out: Path) -> None:
+def _save_final(cfg: cfglib.Config, model, state: dict, out: Path) -> None:
     if cfg.method == "lora":
         from .lora import save_adapter
 
-        save_adapter(model, out / "adapter", base_model=cfg.model.path)
+        save_adapter(model, out / "adapter", base_model=cfg.model.path, state_dict=state)
         print(f"adapter written to {out / 'adapter'}")
     else:
         from model.checkpoint import save
 
-        save(out / "model", model.config, ((n, t.detach()) for n, t in model.state_dict().items()))
+        save(out / "model", model.config, ((n, t.detach()) for n, t in state.items()))
         print(f"model written to {out / 'model'}")

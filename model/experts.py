@@ -144,6 +144,7 @@ class Experts(nn.Module):
         self.gate_up_proj_bias = nn.Parameter(torch.zeros(e, 2 * i, device=device, dtype=dtype))
         self.down_proj_bias = nn.Parameter(torch.zeros(e, h, device=device, dtype=dtype))
         self.lora_scaling = 0.0  # alpha / r once `add_lora` ran
+        self.qat = False  # quantization-aware training: see `_qat_matmul`
 
     # -- LoRA ------------------------------------------------------------------------------------
     @property
@@ -216,6 +217,12 @@ class Experts(nn.Module):
             if n == 0:
                 continue
             xe = xs[start:start + n]  # [n, H]
+            if self.qat:
+                h = self._qat_matmul(xe, w1, l1, e) + b1[e]  # [n, 2I]
+                a = _ClampedSwiGLU.apply(h, self.limit)  # [n, I]
+                outs.append(self._qat_matmul(a, w2, l2, e) + b2[e])  # [n, H]
+                start += n
+                continue
             h = self._matmul(xe, w1, e) + b1[e]  # [n, 2I]
             if l1 is not None:
                 h = h + self.lora_scaling * ((xe @ l1[0][e].t()) @ l1[1][e].t())
@@ -239,6 +246,32 @@ class Experts(nn.Module):
         blocks, scales = weights
         return _MxFP4Matmul.apply(x, blocks[e], scales[e])
 
+    def _qat_matmul(self, x: torch.Tensor, weights, lora, e: int) -> torch.Tensor:
+        """QAT: `x @ fake_quant(W_e + scaling * A_e^T B_e^T)`, so training sees the MXFP4 rounding that
+        export will apply and learns around it (straight-through gradient to W or the LoRA factors).
+
+        The effective weight of each hit expert is formed (and kept for backward): QAT trades the
+        memory savings of the thin LoRA path for weights that survive requantization.
+        """
+        if self.fmt == "dequantized":
+            w = weights[e]  # [in, out]
+        else:
+            blocks, scales = weights
+            w = mxfp4.dequantize(blocks[e], scales[e], x.dtype).t()  # [in, out]
+        if lora is not None:
+            w = w + self.lora_scaling * (lora[0][e].t() @ lora[1][e].t())
+        return x @ mxfp4.fake_quant(w, dim=-2)  # MXFP4 blocks run along the input dim
+
     def extra_repr(self) -> str:
         lora = f", lora_r={self.lora_A.weight.shape[0] // self.num_experts}" if self.has_lora else ""
         return f"{self.fmt}, experts={self.num_experts}, hidden={self.hidden_size}, width={self.intermediate_size}{lora}"
+
+
+def set_qat(model: nn.Module, enabled: bool = True) -> int:
+    """Switch quantization-aware training on every `Experts` of `model`; returns how many were set."""
+    n = 0
+    for m in model.modules():
+        if isinstance(m, Experts):
+            m.qat = enabled
+            n += 1
+    return n

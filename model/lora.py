@@ -95,10 +95,10 @@ def add_lora(model, *, r: int, alpha: float, dropout: float = 0.0,
 
 def lora_state_dict(model) -> dict[str, torch.Tensor]:
     """The adapter weights under PEFT's saved keys (`base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight`, ...)."""
-    return {PEFT_PREFIX + name: p.detach() for name, p in model.named_parameters() if _is_lora(name)}
+    return {PEFT_PREFIX + name: p.detach() for name, p in model.named_parameters() if is_lora_name(name)}
 
 
-def _is_lora(name: str) -> bool:
+def is_lora_name(name: str) -> bool:
     return ".lora_A." in name or ".lora_B." in name
 
 
@@ -106,7 +106,7 @@ def load_lora_state_dict(model, sd: dict[str, torch.Tensor]) -> None:
     """Copy PEFT-keyed adapter weights into a model that `add_lora` prepared with the same targets.
     Keys with PEFT's in-memory adapter name (`lora_A.default.weight`) are accepted too."""
     own = dict(model.named_parameters())
-    want = {PEFT_PREFIX + n for n in own if _is_lora(n)}
+    want = {PEFT_PREFIX + n for n in own if is_lora_name(n)}
     given = {k.replace(".default.", "."): v for k, v in sd.items()}
     missing, unexpected = sorted(want - set(given)), sorted(set(given) - want)
     if missing or unexpected:
