@@ -161,6 +161,8 @@ def _messages_column(row: Mapping, key: str = "messages") -> list:
     msgs = _maybe_json(row.get(key), key)
     if not isinstance(msgs, list):
         raise _err(f"the row needs a {key!r} list", "missing messages")
+    if not msgs:
+        raise _err(f"{key!r} is empty: an empty conversation has nothing to train", "empty conversation")
     return msgs
 
 

@@ -91,17 +91,26 @@ def _local_files(path: Path) -> list[Path]:
 
 def _read_json_file(path: Path) -> Iterable[tuple[str, object]]:
     """(location, row or DataError) for each row of a JSONL file, or of a JSON array file."""
-    with open(path, encoding="utf-8") as f:
-        text = f.read()
-    if path.suffix == ".json" and text.lstrip()[:1] == "[":
+    data = path.read_bytes()
+    if path.suffix == ".json" and data.lstrip()[:1] == b"[":
         try:
-            items = json.loads(text)
+            items = json.loads(data.decode("utf-8"))
+        except UnicodeDecodeError as e:
+            line = data[: e.start].count(b"\n") + 1
+            raise DataError(f"{path}:{line}: invalid UTF-8 (byte {data[e.start]:#04x})", "invalid UTF-8") from None
         except json.JSONDecodeError as e:
             raise DataError(f"{path}:{e.lineno}: invalid JSON: {e.msg}", "invalid JSON") from None
         yield from ((f"{path} item {i}", row) for i, row in enumerate(items))
         return
-    for lineno, line in enumerate(text.splitlines(), 1):
-        if not line.strip():
+    # Lines are decoded one by one, so a bad byte is that line's error, not the file's.
+    for lineno, raw in enumerate(data.split(b"\n"), 1):
+        if not raw.strip():
+            continue
+        try:
+            line = raw.decode("utf-8")
+        except UnicodeDecodeError as e:
+            yield f"{path}:{lineno}", DataError(f"invalid UTF-8 (byte {raw[e.start]:#04x} at column {e.start + 1})",
+                                                "invalid UTF-8")
             continue
         try:
             yield f"{path}:{lineno}", json.loads(line)
@@ -139,7 +148,10 @@ def read_rows(source, split: str = "train") -> tuple[str, list[tuple[str, object
             ds = datasets.load_dataset(source, split=split)
         except Exception as e:  # the hub raises many types; the message is what the user needs
             raise DataError(f"{source}: not a local file or folder, and loading it from the hub failed: "
-                            f"{type(e).__name__}: {e}", "cannot load") from None
+                            f"{type(e).__name__}: {e}. To work offline, download the dataset where there is a "
+                            "network and pass its local .jsonl/.json/.parquet/.csv files or folder instead, "
+                            "or set HF_DATASETS_OFFLINE=1 to read it from the local datasets cache",
+                            "cannot load") from None
         return f"{source}[{split}]", _numbered(ds, f"{source}[{split}]")
     if isinstance(source, Sequence) or hasattr(source, "__iter__"):
         return "rows", _numbered(source, "")
