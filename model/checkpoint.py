@@ -457,7 +457,10 @@ def random_tensors(config: GptOssConfig, *, seed: int = 0, experts: str = "mxfp4
     """Random weights for every tensor, generated one at a time (so large configs stream).
 
     Every parameter is random, sinks, biases and norms included, so tests see each of them matter.
-    Matrices have std 0.02 like a fresh init; norms are near 1; experts are quantized to MXFP4.
+    Matrices and biases have std 0.02 like a fresh init; norms are near 1; experts are quantized to
+    MXFP4. `lm_head` rows have std 4 / sqrt(H): the final norm gives h of norm ~sqrt(H), so logits
+    spread with std ~4 as a trained model's do, and a LoRA-only fine-tune of a tiny random model can
+    make one token win (with std 0.02 at H = 64, every logit stays within ~1 of the others).
     """
     gen = torch.Generator().manual_seed(seed)
     for name, shape in expected_shapes(config, experts="dense" if experts == "dense" else "mxfp4").items():
@@ -475,8 +478,8 @@ def random_tensors(config: GptOssConfig, *, seed: int = 0, experts: str = "mxfp4
             t = 1.0 + 0.1 * torch.randn(shape, generator=gen)
         elif name.endswith("sinks"):
             t = torch.randn(shape, generator=gen)
-        elif name.endswith("bias"):
-            t = 0.02 * torch.randn(shape, generator=gen)
+        elif name == "lm_head.weight":
+            t = 4.0 / config.hidden_size ** 0.5 * torch.randn(shape, generator=gen)
         else:
             t = 0.02 * torch.randn(shape, generator=gen)
         yield name, t.to(dtype)
