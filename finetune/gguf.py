@@ -1,0 +1,456 @@
+"""`gptoss-ft export --format gguf`: the merged model as one GGUF file that llama.cpp, Ollama and
+LM Studio run, with an Ollama `Modelfile` beside it.
+
+What llama.cpp expects for its `gpt-oss` architecture (learned from its HF converter and gguf-py;
+checked by loading the file in llama.cpp, scripts/check_gguf_llamacpp.py):
+- names: `token_embd`, `output_norm`, `output`, and per block `attn_norm`, `attn_{q,k,v,output}`
+  (weight and bias), `attn_sinks`, `post_attention_norm` (HF's post_attention_layernorm, the norm
+  before the MoE), `ffn_gate_inp` (the router, weight and bias), `ffn_{gate,up,down}_exps` (weight
+  and bias). HF's fused gate_up is split: even rows are the gate, odd rows the up projection.
+- types: experts MXFP4; 2-D weights in bf16 (the source precision, so nothing is lost); norms,
+  biases, sinks and the router in F32, as llama.cpp's converter forces them.
+- shapes: GGUF lists dimensions innermost first, so a torch `[out, in]` weight is `{in, out}` and
+  experts `[E, out, in]` are `{in, out, E}`.
+- MXFP4 bytes (ggml's `block_mxfp4`): per 32 weights, the E8M0 scale byte first, then 16 bytes where
+  byte j holds weight j in its low nibble and weight j+16 in its high nibble. HF stores the same
+  codes and scales, but scales in their own tensor and byte j holding weights 2j (low) and 2j+1
+  (high). Repacking is exact: codes and scale bytes are unchanged, only moved.
+
+Streaming: the tensor directory is written first from the config alone (names, types, shapes), then
+the tensors in that order as `export`'s merged-tensor generator produces them one layer at a time;
+a layer's tensors are dropped once written. Unchanged experts keep the base's MXFP4 bytes; experts
+training changed are requantized the way `--format mxfp4` does it.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+import os
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from model.checkpoint import Checkpoint
+from model.config import GptOssConfig
+
+from .export import ExportError, ExportReport, Run, _Calibration, _calibration_ids, _tensors, open_run
+
+ARCH = "gpt-oss"
+MXFP4_BLOCK_BYTES = 17  # one E8M0 scale + 16 bytes of nibbles per 32 weights
+STOP_TOKENS = ("<|return|>", "<|call|>")
+
+
+# -- MXFP4: HF pair -> ggml blocks ----------------------------------------------------------------
+
+def ggml_mxfp4(blocks: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """HF `_blocks [..., G, 16]` + `_scales [..., G]` (uint8) -> ggml `block_mxfp4` rows `[..., G*17]`."""
+    codes = torch.stack((blocks & 0x0F, blocks >> 4), dim=-1).flatten(-2)  # [..., G, 32] in weight order
+    packed = codes[..., :16] | (codes[..., 16:] << 4)  # ggml pairs weight j with weight j+16
+    return torch.cat((scales.unsqueeze(-1), packed), dim=-1).flatten(-2)
+
+
+def hf_mxfp4(rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The inverse of `ggml_mxfp4`: ggml rows `[..., G*17]` -> HF (`_blocks [..., G, 16]`, `_scales [..., G]`)."""
+    b = rows.unflatten(-1, (-1, MXFP4_BLOCK_BYTES))
+    codes = torch.cat((b[..., 1:] & 0x0F, b[..., 1:] >> 4), dim=-1)  # [..., G, 32] in weight order
+    return codes[..., 0::2] | (codes[..., 1::2] << 4), b[..., 0].contiguous()
+
+
+# -- the tensor directory -------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Entry:
+    """One GGUF tensor: its name, the HF tensors it is made of, and how."""
+
+    name: str
+    sources: tuple[str, ...]
+    kind: str
+    """"bf16", "f32" or "mxfp4"."""
+    shape: tuple[int, ...]
+    """numpy shape of the data written (bytes per row for MXFP4), outermost first."""
+    make: Callable[[dict[str, torch.Tensor]], torch.Tensor]
+
+
+def _take(name: str, rows: slice | None = None) -> Callable[[dict[str, torch.Tensor]], torch.Tensor]:
+    """The HF tensor `name`, optionally only some rows along dim 1 (experts) or dim 0 (others)."""
+    def make(t: dict[str, torch.Tensor]) -> torch.Tensor:
+        x = t[name]
+        if rows is None:
+            return x
+        return x[:, rows] if x.dim() >= 2 else x[rows]
+    return make
+
+
+def _experts(proj: str, rows: slice | None) -> Callable[[dict[str, torch.Tensor]], torch.Tensor]:
+    def make(t: dict[str, torch.Tensor]) -> torch.Tensor:
+        blocks, scales = t[proj + "_blocks"], t[proj + "_scales"]  # [E, out, G, 16], [E, out, G]
+        if rows is not None:
+            blocks, scales = blocks[:, rows], scales[:, rows]
+        return ggml_mxfp4(blocks, scales)
+    return make
+
+
+def tensor_plan(config: GptOssConfig) -> list[Entry]:
+    """Every tensor of the GGUF, in file order (the order `export`'s generator produces its sources)."""
+    c = config
+    h, i, e, hd = c.hidden_size, c.intermediate_size, c.num_local_experts, c.head_dim
+    q, kv = c.num_attention_heads * hd, c.num_key_value_heads * hd
+    gate, up = slice(0, None, 2), slice(1, None, 2)  # HF interleaves gate (even) and up (odd) rows
+    plan = [Entry("token_embd.weight", ("model.embed_tokens.weight",), "bf16", (c.vocab_size, h),
+                  _take("model.embed_tokens.weight")),
+            Entry("output_norm.weight", ("model.norm.weight",), "f32", (h,), _take("model.norm.weight"))]
+    if not c.tie_word_embeddings:
+        plan.append(Entry("output.weight", ("lm_head.weight",), "bf16", (c.vocab_size, h), _take("lm_head.weight")))
+    for layer in range(c.num_hidden_layers):
+        hf, blk = f"model.layers.{layer}.", f"blk.{layer}."
+
+        def add(name: str, source: str, kind: str, shape: tuple[int, ...], make=None) -> None:
+            plan.append(Entry(blk + name, (hf + source,), kind, shape, make or _take(hf + source)))
+
+        add("attn_norm.weight", "input_layernorm.weight", "f32", (h,))
+        for gg, proj, rows in (("attn_q", "q_proj", q), ("attn_k", "k_proj", kv), ("attn_v", "v_proj", kv)):
+            add(gg + ".weight", f"self_attn.{proj}.weight", "bf16", (rows, h))
+            if c.attention_bias:
+                add(gg + ".bias", f"self_attn.{proj}.bias", "f32", (rows,))
+        add("attn_output.weight", "self_attn.o_proj.weight", "bf16", (h, q))
+        if c.attention_bias:
+            add("attn_output.bias", "self_attn.o_proj.bias", "f32", (h,))
+        add("attn_sinks.weight", "self_attn.sinks", "f32", (c.num_attention_heads,))
+        add("post_attention_norm.weight", "post_attention_layernorm.weight", "f32", (h,))
+        add("ffn_gate_inp.weight", "mlp.router.weight", "f32", (e, h))
+        add("ffn_gate_inp.bias", "mlp.router.bias", "f32", (e,))
+        x = hf + "mlp.experts."
+        for gg, proj, rows, out, inp in (("ffn_gate_exps", "gate_up_proj", gate, i, h),
+                                          ("ffn_up_exps", "gate_up_proj", up, i, h),
+                                          ("ffn_down_exps", "down_proj", None, h, i)):
+            plan.append(Entry(blk + gg + ".weight", (x + proj + "_blocks", x + proj + "_scales"), "mxfp4",
+                              (e, out, inp // 32 * MXFP4_BLOCK_BYTES), _experts(x + proj, rows)))
+            plan.append(Entry(blk + gg + ".bias", (x + proj + "_bias",), "f32", (e, out),
+                              _take(x + proj + "_bias", rows)))
+    return plan
+
+
+def _to_numpy(t: torch.Tensor, kind: str) -> np.ndarray:
+    if kind == "mxfp4":
+        return t.contiguous().numpy()
+    if kind == "f32":
+        return t.float().contiguous().numpy()
+    # numpy has no bf16: the raw 16-bit patterns go through as uint16.
+    return t.to(torch.bfloat16).contiguous().view(torch.int16).numpy().view(np.uint16)
+
+
+# -- the tokenizer: tiktoken ranks -> GGUF byte-level BPE ---------------------------------------
+
+def _byte_to_unicode() -> dict[int, str]:
+    """GPT-2's reversible byte -> printable character map, which llama.cpp's BPE vocab uses: printable
+    Latin-1 bytes stand for themselves, the rest are shifted to code points from 256 up."""
+    keep = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    table, n = {}, 0
+    for b in range(256):
+        if b in keep:
+            table[b] = chr(b)
+        else:
+            table[b] = chr(256 + n)
+            n += 1
+    return table
+
+
+@functools.cache
+def vocab(vocab_size: int) -> tuple[list[str], list[int], list[str]]:
+    """(tokens, token types, merges) of o200k_harmony for a GGUF `gpt2`-model tokenizer.
+
+    tiktoken has ranks, no merge list: the merge that makes token t is found by running BPE on t's
+    bytes with only the tokens ranked below t, which always ends in exactly two parts. Listing the
+    merges in the rank order of the tokens they make gives llama.cpp tiktoken's merge priority.
+    """
+    from data.tokenizer import get_tokenizer
+
+    enc = get_tokenizer()
+    if enc.n_vocab != vocab_size:
+        raise ExportError(f"the model has {vocab_size} vocabulary rows but o200k_harmony has {enc.n_vocab}")
+    specials = {enc.encode_single_token(s): s for s in enc.special_tokens_set}
+    n_ranks = min(specials)  # ranks are 0..n_ranks-1; the special and reserved tokens follow
+    pieces = [enc.decode_single_token_bytes(r) for r in range(n_ranks)]
+    ranks = {b: r for r, b in enumerate(pieces)}
+    # bytes -> text in C: Latin-1 decoding makes one character per byte, then remap those characters.
+    remap = _byte_to_unicode()
+
+    def text(b: bytes) -> str:
+        return b.decode("latin-1").translate(remap)
+
+    merges = []
+    for rank, piece in enumerate(pieces):
+        if len(piece) < 2:
+            continue
+        # Fast path: a single split into two lower-ranked tokens must be the merge.
+        splits = [k for k in range(1, len(piece)) if ranks.get(piece[:k], rank) < rank > ranks.get(piece[k:], rank)]
+        if len(splits) == 1:
+            k = splits[0]
+            merges.append(f"{text(piece[:k])} {text(piece[k:])}")
+            continue
+        parts = [piece[k:k + 1] for k in range(len(piece))]
+        while len(parts) > 2:
+            best, at = rank, -1
+            for k in range(len(parts) - 1):
+                r = ranks.get(parts[k] + parts[k + 1], rank)
+                if r < best:
+                    best, at = r, k
+            if at < 0:
+                break
+            parts[at:at + 2] = [parts[at] + parts[at + 1]]
+        if len(parts) != 2:
+            raise ExportError(f"token {rank} of o200k_harmony has no BPE merge; the vocab is not o200k_base")
+        merges.append(f"{text(parts[0])} {text(parts[1])}")
+    tokens = [text(p) for p in pieces] + [specials[i] for i in range(n_ranks, vocab_size)]
+    normal, control = 1, 3  # gguf TokenType.NORMAL / CONTROL
+    types = [normal] * n_ranks + [control] * (vocab_size - n_ranks)
+    return tokens, types, merges
+
+
+# -- chat templates ---------------------------------------------------------------------------------
+
+# Harmony as a Jinja chat template (llama.cpp, LM Studio), written for gptoss-ft and used when the
+# base checkpoint ships none. It renders exactly what `finetune.generate.chat_prompt` renders for
+# system/user/assistant conversations (tests/test_gguf.py checks it): the default system message
+# (`reasoning_effort` variable, default medium), a `system` or `developer` row as developer
+# `# Instructions`, earlier assistant turns' final text only, the current turn's reasoning kept, and
+# tool calls / results as Harmony writes them. Tool declarations are rendered in a simplified form
+# (JSON parameter schemas); a base that ships OpenAI's template gets that one instead.
+HARMONY_JINJA = (
+    "{%- set ns = namespace(last_user=-1, tool='') -%}"
+    "{%- for m in messages -%}{%- if m.role == 'user' -%}{%- set ns.last_user = loop.index0 -%}{%- endif -%}{%- endfor -%}"
+    "{{- '<|start|>system<|message|>You are ChatGPT, a large language model trained by OpenAI.\\n"
+    "Knowledge cutoff: 2024-06\\n\\nReasoning: ' + (reasoning_effort | default('medium')) + '\\n\\n"
+    "# Valid channels: analysis, commentary, final. Channel must be included for every message.' -}}"
+    "{%- if tools -%}{{- \"\\nCalls to these tools must go to the commentary channel: 'functions'.\" -}}{%- endif -%}"
+    "{{- '<|end|>' -}}"
+    "{%- set first = messages[0] if messages else none -%}"
+    "{%- if (first and first.role in ('system', 'developer')) or tools -%}"
+    "{{- '<|start|>developer<|message|>' -}}"
+    "{%- if first and first.role in ('system', 'developer') -%}{{- '# Instructions\\n\\n' + first.content -}}"
+    "{%- if tools -%}{{- '\\n\\n' -}}{%- endif -%}{%- endif -%}"
+    "{%- if tools -%}{{- '# Tools\\n\\n## functions\\n\\nnamespace functions {\\n\\n' -}}"
+    "{%- for t in tools -%}{%- set f = t.function if t.function is defined else t -%}"
+    "{%- if f.description -%}{{- '// ' + f.description + '\\n' -}}{%- endif -%}"
+    "{{- 'type ' + f.name + ' = (' -}}{%- if f.parameters -%}{{- '_: ' + (f.parameters | tojson) -}}{%- endif -%}"
+    "{{- ') => any;\\n\\n' -}}{%- endfor -%}{{- '} // namespace functions' -}}{%- endif -%}"
+    "{{- '<|end|>' -}}{%- endif -%}"
+    "{%- for m in messages -%}"
+    "{%- set current = loop.index0 > ns.last_user -%}"
+    "{%- set thinking = m.thinking if m.thinking is defined and m.thinking else "
+    "(m.reasoning_content if m.reasoning_content is defined and m.reasoning_content else '') -%}"
+    "{%- if m.role == 'user' -%}{{- '<|start|>user<|message|>' + m.content + '<|end|>' -}}"
+    "{%- elif m.role == 'assistant' -%}"
+    "{%- if thinking and (current or (loop.last and not add_generation_prompt)) -%}"
+    "{{- '<|start|>assistant<|channel|>analysis<|message|>' + thinking + '<|end|>' -}}{%- endif -%}"
+    "{%- if m.tool_calls is defined and m.tool_calls -%}"
+    "{%- for c in m.tool_calls -%}{%- set f = c.function if c.function is defined else c -%}"
+    "{%- set ns.tool = f.name -%}"
+    "{{- '<|start|>assistant to=functions.' + f.name + '<|channel|>commentary <|constrain|>json<|message|>' -}}"
+    "{{- (f.arguments if f.arguments is string else (f.arguments | tojson)) + '<|call|>' -}}{%- endfor -%}"
+    "{%- elif m.content -%}"
+    "{{- '<|start|>assistant<|channel|>final<|message|>' + m.content -}}"
+    "{{- '<|return|>' if loop.last and not add_generation_prompt else '<|end|>' -}}{%- endif -%}"
+    "{%- elif m.role == 'tool' -%}"
+    "{%- set name = m.name if m.name is defined and m.name else ns.tool -%}"
+    "{{- '<|start|>functions.' + name + ' to=assistant<|channel|>commentary<|message|>' + m.content + '<|end|>' -}}"
+    "{%- endif -%}{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{- '<|start|>assistant' -}}{%- endif -%}"
+)
+
+# The same conversation rendering as an Ollama (Go text/template) TEMPLATE: system/user/assistant
+# turns with the current turn's thinking; Ollama parses the Harmony reply itself.
+_OLLAMA_TEMPLATE = """<|start|>system<|message|>You are ChatGPT, a large language model trained by OpenAI.
+Knowledge cutoff: 2024-06
+
+Reasoning: {reasoning}
+
+# Valid channels: analysis, commentary, final. Channel must be included for every message.<|end|>
+{{{{- if .System }}}}<|start|>developer<|message|># Instructions
+
+{{{{ .System }}}}<|end|>{{{{ end }}}}
+{{{{- $lastUser := -1 }}}}
+{{{{- range $i, $m := .Messages }}}}{{{{ if eq $m.Role "user" }}}}{{{{ $lastUser = $i }}}}{{{{ end }}}}{{{{ end }}}}
+{{{{- range $i, $m := .Messages }}}}
+{{{{- if eq $m.Role "user" }}}}<|start|>user<|message|>{{{{ $m.Content }}}}<|end|>
+{{{{- else if eq $m.Role "assistant" }}}}
+{{{{- if and $m.Thinking (gt $i $lastUser) }}}}<|start|>assistant<|channel|>analysis<|message|>{{{{ $m.Thinking }}}}<|end|>{{{{ end }}}}
+{{{{- if $m.Content }}}}<|start|>assistant<|channel|>final<|message|>{{{{ $m.Content }}}}<|end|>{{{{ end }}}}
+{{{{- end }}}}
+{{{{- end }}}}<|start|>assistant"""
+
+
+def modelfile(gguf_name: str, *, reasoning: str = "medium", num_ctx: int = 8192) -> str:
+    """An Ollama Modelfile for the GGUF beside it (`ollama create NAME -f Modelfile`)."""
+    template = _OLLAMA_TEMPLATE.format(reasoning=reasoning)
+    stops = "".join(f'PARAMETER stop "{s}"\n' for s in STOP_TOKENS)
+    return (
+        "# Ollama Modelfile written by gptoss-ft: ollama create NAME -f Modelfile && ollama run NAME\n"
+        "# Needs Ollama 0.11.5 or newer (MXFP4 GGUF import). To change the reasoning effort, edit\n"
+        "# `Reasoning:` below (low, medium or high).\n"
+        f"FROM ./{gguf_name}\n\n"
+        f'TEMPLATE """{template}"""\n\n'
+        f"{stops}"
+        "# OpenAI's recommended sampling for gpt-oss.\n"
+        "PARAMETER temperature 1\n"
+        "PARAMETER top_p 1\n"
+        f"PARAMETER num_ctx {num_ctx}\n"
+    )
+
+
+def _base_chat_template(path: Path) -> str | None:
+    """The chat template a base checkpoint ships (HF release: chat_template.jinja or tokenizer_config.json)."""
+    import json
+
+    if (path / "chat_template.jinja").is_file():
+        return (path / "chat_template.jinja").read_text()
+    cfg = path / "tokenizer_config.json"
+    if cfg.is_file():
+        template = json.loads(cfg.read_text()).get("chat_template")
+        if isinstance(template, str):
+            return template
+    return None
+
+
+# -- writing ----------------------------------------------------------------------------------------
+
+@dataclass
+class GgufReport(ExportReport):
+    modelfile: Path | None = None
+    tensors: int = 0
+
+
+def export_gguf(source, out, *, base: str | None = None, requant: str = "gptq", calib_tokens: int = 512,
+                calib_data: str | None = None, name: str | None = None, modelfile_out: bool = True) -> GgufReport:
+    """Write the merged model of `source` (a run directory, or a checkpoint directory) to the GGUF
+    file `out`, and an Ollama `Modelfile` beside it. Experts training changed are requantized as
+    `--format mxfp4` does (`requant`, `calib_tokens`, `calib_data` mean the same); unchanged ones
+    keep their bytes."""
+    if importlib.util.find_spec("gguf") is None:  # fail before any work
+        raise ExportError("GGUF export needs the `gguf` package: pip install gguf")
+    source, out = Path(source), Path(out)
+    if out.suffix != ".gguf":
+        raise ExportError(f"{out}: the GGUF output should be a file name ending in .gguf")
+    if (source / "config.yaml").is_file():
+        run = open_run(source, base)
+    elif (source / "config.json").is_file() or (source / "original").is_dir():
+        ckpt = Checkpoint(source)
+        run = Run(path=source, method="full", base=ckpt, tuned=None, adapter_dir=None)
+        requant = "nearest"  # nothing was trained: experts are copied (or quantized once, if dense)
+    else:
+        raise ExportError(f"{source}: neither a run directory (config.yaml) nor a checkpoint (config.json)")
+    report = GgufReport(out, "gguf")
+    calib = None
+    if requant == "gptq" and (run.lora or run.tuned is not None):
+        calib = _Calibration(run, _calibration_ids(run, calib_tokens, calib_data))
+        report.calibration_tokens = calib.n_tokens
+    template = _base_chat_template(run.base.path) or HARMONY_JINJA
+    report.tensors = write_gguf(out, run.config, _tensors(run, "mxfp4", calib, report),
+                                name=name or source.resolve().name, chat_template=template)
+    if modelfile_out:
+        report.modelfile = out.with_name("Modelfile")
+        report.modelfile.write_text(modelfile(out.name))
+    return report
+
+
+def write_gguf(out: Path, config: GptOssConfig, tensors: Iterable[tuple[str, torch.Tensor]], *,
+               name: str, chat_template: str) -> int:
+    """Stream (HF name, tensor) pairs (HF MXFP4 experts) into the GGUF file `out`, atomically.
+    Returns the number of GGUF tensors written."""
+    import gguf
+
+    if list(config.layer_types) != [("sliding_attention" if k % 2 == 0 else "full_attention")
+                                    for k in range(config.num_hidden_layers)]:
+        # llama.cpp's gpt-oss reads one sliding window and alternates, sliding first.
+        raise ExportError("llama.cpp's gpt-oss needs alternating sliding/full layers, sliding first")
+    rope = config.rope_scaling or {}
+    if rope.get("rope_type", rope.get("type")) != "yarn":
+        raise ExportError(f"llama.cpp's gpt-oss uses YaRN RoPE scaling; this model has {rope or 'none'}")
+    plan = tensor_plan(config)
+    tokens, types, merges = vocab(config.vocab_size)
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp")
+    w = gguf.GGUFWriter(str(tmp), ARCH)
+    w.add_type("model")
+    w.add_name(name)
+    w.add_file_type(gguf.LlamaFileType.MOSTLY_MXFP4_MOE)
+    w.add_quantization_version(gguf.GGML_QUANT_VERSION)
+    c = config
+    w.add_context_length(c.max_position_embeddings)
+    w.add_embedding_length(c.hidden_size)
+    w.add_block_count(c.num_hidden_layers)
+    w.add_feed_forward_length(c.intermediate_size)
+    w.add_expert_feed_forward_length(c.intermediate_size)
+    w.add_head_count(c.num_attention_heads)
+    w.add_head_count_kv(c.num_key_value_heads)
+    w.add_key_length(c.head_dim)  # gpt-oss: heads * head_dim != hidden size
+    w.add_value_length(c.head_dim)
+    w.add_layer_norm_rms_eps(c.rms_norm_eps)
+    w.add_expert_count(c.num_local_experts)
+    w.add_expert_used_count(c.num_experts_per_tok)
+    w.add_sliding_window(c.sliding_window)
+    w.add_rope_freq_base(c.rope_theta)
+    w.add_rope_scaling_type(gguf.RopeScalingType.YARN)
+    w.add_rope_scaling_factor(rope["factor"])
+    w.add_rope_scaling_orig_ctx_len(rope.get("original_max_position_embeddings", 4096))
+    w.add_rope_scaling_yarn_beta_fast(rope.get("beta_fast", 32.0))
+    w.add_rope_scaling_yarn_beta_slow(rope.get("beta_slow", 1.0))
+    w.add_tokenizer_model("gpt2")
+    w.add_tokenizer_pre("gpt-4o")  # llama.cpp's name for the o200k pre-tokenizer regex
+    w.add_token_list(tokens)
+    w.add_token_types(types)
+    w.add_token_merges(merges)
+    w.add_bos_token_id(199998)  # <|startoftext|>
+    w.add_eos_token_id(c.eos_token_id)  # <|return|>; llama.cpp also stops on <|call|> by its text
+    w.add_pad_token_id(c.pad_token_id)  # <|endoftext|>
+    w.add_add_bos_token(False)
+    w.add_chat_template(chat_template)
+
+    kinds = {"bf16": (np.uint16, gguf.GGMLQuantizationType.BF16), "f32": (np.float32, None),
+             "mxfp4": (np.uint8, gguf.GGMLQuantizationType.MXFP4)}
+    for e in plan:
+        dtype, raw = kinds[e.kind]
+        w.add_tensor_info(e.name, e.shape, np.dtype(dtype), int(np.prod(e.shape)) * np.dtype(dtype).itemsize, raw)
+    try:
+        w.write_header_to_file()
+        w.write_kv_data_to_file()
+        w.write_ti_data_to_file()
+        for e, data in _in_plan_order(plan, tensors):
+            arr = _to_numpy(data, e.kind)
+            if arr.shape != e.shape:
+                raise ExportError(f"{e.name}: made shape {arr.shape}, planned {e.shape}")
+            w.write_tensor_data(arr)
+        w.close()
+        os.replace(tmp, out)
+    except BaseException:
+        w.close()
+        tmp.unlink(missing_ok=True)
+        raise
+    return len(plan)
+
+
+def _in_plan_order(plan: list[Entry], tensors: Iterable[tuple[str, torch.Tensor]]
+                   ) -> Iterator[tuple[Entry, torch.Tensor]]:
+    """Each planned GGUF tensor as soon as its HF sources have arrived; sources are dropped once the
+    last entry that needs them is written, so only about one layer is held at a time."""
+    last_use = {s: k for k, e in enumerate(plan) for s in e.sources}
+    held: dict[str, torch.Tensor] = {}
+    it = iter(tensors)
+    for k, e in enumerate(plan):
+        while not all(s in held for s in e.sources):
+            try:
+                name, t = next(it)
+            except StopIteration:
+                missing = [s for s in e.sources if s not in held]
+                raise ExportError(f"{e.name}: the source has no {', '.join(missing)}") from None
+            if name in last_use:
+                held[name] = t
+        yield e, e.make(held)
+        for s in e.sources:
+            if last_use[s] == k:
+                del held[s]
