@@ -175,6 +175,20 @@ def quantize(w: torch.Tensor, rule: str = "search") -> tuple[torch.Tensor, torch
     return blocks.reshape(*lead, k // BLOCK, BLOCK // 2), scales.reshape(*lead, k // BLOCK)
 
 
+def quantize_with_scales(w: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """`w [..., K]` rounded to nearest (ties to even, saturating at +-6) on the given scale bytes
+    `[..., K/32]` -> blocks `[..., K/32, 16]`. For requantization that keeps chosen scales; values
+    already on those scales' grids come back exactly."""
+    if scales.dtype != torch.uint8 or w.shape[:-1] != scales.shape[:-1] or w.shape[-1] != scales.shape[-1] * BLOCK:
+        raise ValueError(f"quantize_with_scales: w {tuple(w.shape)} needs uint8 scales of shape "
+                         f"{(*w.shape[:-1], w.shape[-1] // BLOCK)}, got {scales.dtype} {tuple(scales.shape)}")
+    rows = w.reshape(-1, BLOCK).float()
+    step = torch.ldexp(torch.ones_like(rows[:, :1]), scales.reshape(-1, 1).to(torch.int32) - SCALE_BIAS)
+    codes = _fp4_codes(rows.abs() / step) | (torch.signbit(rows).to(torch.uint8) << 3)
+    blocks = codes[:, 0::2] | (codes[:, 1::2] << 4)
+    return blocks.reshape(*scales.shape, BLOCK // 2)
+
+
 class _FakeQuant(torch.autograd.Function):
     @staticmethod
     def forward(ctx, w: torch.Tensor) -> torch.Tensor:
