@@ -70,11 +70,42 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _export_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("run_dir")
-    p.add_argument("--format", choices=("adapter", "merged", "mxfp4", "gguf"), required=True)
-    p.add_argument("--out", required=True)
-    p.add_argument("--base", default=None, help="base model path (default: the run's)")
-    p.add_argument("--layout", choices=("hf", "original"), default="hf")
+    p.add_argument("run_dir", help="a run directory written by `gptoss-ft train` (gguf: or a checkpoint directory)")
+    p.add_argument("--format", choices=("adapter", "merged", "mxfp4", "gguf"), required=True,
+                   help="adapter: PEFT directory + README; merged: bf16 HF checkpoint with the LoRA folded in; "
+                        "mxfp4: merged, experts requantized to MXFP4 (unchanged experts byte-identical); "
+                        "gguf: the mxfp4 model as one GGUF file for llama.cpp/Ollama/LM Studio, Modelfile beside it")
+    p.add_argument("--out", required=True,
+                   help="directory to write (replaced atomically if it exists); gguf: a FILE.gguf")
+    p.add_argument("--base", default=None, help="base model path (default: the run's model.path)")
+    p.add_argument("--layout", choices=("hf", "original"), default="hf",
+                   help="original: OpenAI's layout (mxfp4 only)")
+    p.add_argument("--requant", choices=("gptq", "nearest"), default="gptq",
+                   help="mxfp4: error-aware GPTQ rounding on calibration tokens (default) or plain nearest")
+    p.add_argument("--calib-tokens", type=int, default=512, help="mxfp4/gptq: training tokens to calibrate on")
+    p.add_argument("--calib-data", default=None, help="mxfp4/gptq: calibration data (default: the run's data.train)")
+
+
+def _export(args: argparse.Namespace) -> int:
+    from .export import export
+
+    if args.format == "gguf":
+        from .gguf import export_gguf
+
+        g = export_gguf(args.run_dir, args.out, base=args.base, requant=args.requant, calib_tokens=args.calib_tokens,
+                        calib_data=args.calib_data)
+        print(f"wrote {g.path} ({g.tensors} tensors; {g.experts_copied} expert projections copied, "
+              f"{g.experts_requantized} requantized) and {g.modelfile}")
+        return 0
+
+    r = export(args.run_dir, args.format, args.out, base=args.base, layout=args.layout, requant=args.requant,
+               calib_tokens=args.calib_tokens, calib_data=args.calib_data)
+    detail = ""
+    if args.format == "mxfp4":
+        detail = (f"; {r.experts_copied} expert projections copied from the base, {r.experts_requantized} "
+                  f"requantized ({args.requant}" + (f", {r.calibration_tokens} calibration tokens)" if r.calibration_tokens else ")"))
+    print(f"wrote {args.format} export to {r.path}{detail}")
+    return 0
 
 
 def _plan_args(p: argparse.ArgumentParser) -> None:
@@ -88,19 +119,62 @@ def _plan_args(p: argparse.ArgumentParser) -> None:
 
 
 def _chat_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("model", help="a checkpoint directory or a run directory")
-    p.add_argument("--adapter", default=None)
-    p.add_argument("--reasoning", choices=("low", "medium", "high"), default="medium")
-    p.add_argument("--prompt", default=None)
+    p.add_argument("model", help="a run directory, or a checkpoint directory / hub id")
+    p.add_argument("--adapter", default=None, help="a PEFT adapter directory to put on the model")
+    p.add_argument("--reasoning", choices=("low", "medium", "high"), default="medium", help="reasoning effort")
+    p.add_argument("--prompt", default=None, help="answer this one message and exit (default: interactive)")
+    p.add_argument("--system", default=None,
+                   help="instructions, as a `system` row of the messages format (a Harmony developer message)")
+    p.add_argument("--max-new-tokens", type=int, default=512)
+    p.add_argument("--temperature", type=float, default=0.0,
+                   help="0 = greedy (default, reproducible); OpenAI suggests 1.0 for the released models")
+    p.add_argument("--seed", type=int, default=0)
+
+
+def _chat(args: argparse.Namespace) -> int:
+    import torch
+
+    from .generate import chat_prompt, generate, load_for_inference, parse_completion
+
+    model = load_for_inference(args.model, adapter=args.adapter)
+    gen = torch.Generator().manual_seed(args.seed)
+    history = [{"role": "system", "content": args.system}] if args.system else []
+
+    def answer(text: str) -> None:
+        history.append({"role": "user", "content": text})
+        prompt = chat_prompt(history, reasoning_effort=args.reasoning)
+        reply = parse_completion(generate(model, prompt, max_new_tokens=args.max_new_tokens,
+                                          temperature=args.temperature, generator=gen))
+        for m in reply.messages:
+            label = m.channel or "?"
+            if m.recipient:
+                label += f" to={m.recipient}"
+            print(f"[{label}] {m.content}" + ("" if m.terminator is not None else "  [cut at --max-new-tokens]"))
+        # Later turns see earlier finals but never their analysis (Harmony drops it).
+        history.append({"role": "assistant", "content": reply.final or ""})
+
+    if args.prompt is not None:
+        answer(args.prompt)
+        return 0
+    print("gptoss-ft chat: empty line or Ctrl-D to quit", file=sys.stderr)
+    while True:
+        try:
+            text = input("> ").strip()
+        except EOFError:
+            break
+        if not text:
+            break
+        answer(text)
+    return 0
 
 
 # name -> (help, add arguments, handler)
 COMMANDS: dict[str, tuple[str, Callable, Callable[[argparse.Namespace], int]]] = {
     "train": ("fine-tune from a YAML config (LoRA or full)", _train_args, _train),
-    "export": ("write an adapter, a merged model, or an MXFP4 model from a run", _export_args, _not_yet(6)),
+    "export": ("write an adapter, a merged model, or an MXFP4 model from a run", _export_args, _export),
     "render": ("show what the model sees and what is trained, for a dataset", _render_args, _render),
     "plan": ("predict peak memory for a model, method and batch", _plan_args, _not_yet(7)),
-    "chat": ("talk to a model or a fine-tuned run", _chat_args, _not_yet(6)),
+    "chat": ("talk to a model or a fine-tuned run", _chat_args, _chat),
     "init": ("write a random gpt-oss checkpoint (tiny by default) for tests and the quickstart", _init_args, _init),
 }
 
@@ -126,8 +200,10 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from .state import StateError
     from .trainer import TrainingError
 
+    from .export import ExportError
+
     errors: list[type[BaseException]] = [CheckpointError, ConfigError, TrainConfigError, StateError, TrainingError,
-                                          FileNotFoundError, PermissionError, IsADirectoryError]
+                                          ExportError, FileNotFoundError, PermissionError, IsADirectoryError]
     try:
         from data import DataError
 

@@ -5,7 +5,7 @@ from .checkpoint import Checkpoint, CheckpointError, CheckpointWriter, save, wri
 from .config import PRESETS, ConfigError, GptOssConfig, preset
 from .experts import set_qat
 from .lora import add_lora, load_lora_state_dict, lora_state_dict, merge_lora, peft_config
-from .modeling import CausalLMOutput, GptOssForCausalLM, from_pretrained
+from .modeling import CausalLMOutput, GptOssForCausalLM, KVCache, from_pretrained
 
 __all__ = [
     "CausalLMOutput", "Checkpoint", "CheckpointError", "CheckpointWriter", "ConfigError", "GptOssConfig",

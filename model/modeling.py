@@ -136,14 +136,47 @@ def attention_masks(position_ids: torch.Tensor, config: GptOssConfig) -> dict[st
     return {FULL: full.unsqueeze(1), SLIDING: sliding.unsqueeze(1)}
 
 
+class KVCache:
+    """Keys and values of every token processed so far, per layer, for incremental decoding.
+
+    Layer i holds `k, v [B, nKV, S, d]` after RoPE and before the GQA repeat. Pass one (empty) cache
+    to every forward of a generation: the first call fills it with the prompt, each later call
+    appends the new tokens. Rows of a batch share positions (no left padding).
+    """
+
+    def __init__(self):
+        self.layers: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def __len__(self) -> int:
+        """Tokens seen so far."""
+        return next(iter(self.layers.values()))[0].shape[2] if self.layers else 0
+
+    def update(self, layer_idx: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Append this step's `k, v [B, nKV, T, d]`; returns all keys and values so far."""
+        if layer_idx in self.layers:
+            k0, v0 = self.layers[layer_idx]
+            k, v = torch.cat([k0, k], dim=2), torch.cat([v0, v], dim=2)
+        self.layers[layer_idx] = (k, v)
+        return k, v
+
+
+def cached_attention_masks(t: int, past: int, config: GptOssConfig, device=None) -> dict[str, torch.Tensor]:
+    """"May attend" masks `[1, 1, T, past + T]` for T new tokens after `past` cached ones: the same
+    rules as `attention_masks` for one unpacked sequence (causal; window on sliding layers)."""
+    q = torch.arange(past, past + t, device=device)
+    dist = q[:, None] - torch.arange(past + t, device=device)[None, :]  # query - key
+    full = dist >= 0
+    return {FULL: full[None, None], SLIDING: (full & (dist < config.sliding_window))[None, None]}
+
+
 def eager_attention(q, k, v, sinks, allowed, scale):
-    """The reference: q [B, nH, T, d], k/v [B, nH, T, d] (kv already repeated), sinks [nH], allowed bool mask.
+    """The reference: q [B, nH, T, d], k/v [B, nH, S, d] (kv already repeated), sinks [nH], allowed bool mask.
 
     The sink is one extra logit per head in the softmax denominator with no value (OpenAI reference
     `sdpa`): probabilities over real keys sum to less than one.
     """
     b, nh, t, _ = q.shape
-    scores = (q @ k.transpose(-1, -2)) * scale  # [B, nH, T, T]
+    scores = (q @ k.transpose(-1, -2)) * scale  # [B, nH, T, S]
     scores = scores.masked_fill(~allowed, float("-inf"))
     sink = sinks.to(scores.dtype).view(1, nh, 1, 1).expand(b, nh, t, 1)
     probs = torch.softmax(torch.cat([scores, sink], dim=-1).float(), dim=-1)[..., :-1]
@@ -194,8 +227,9 @@ class Attention(nn.Module):
         self.sinks = nn.Parameter(torch.zeros(self.num_heads, device=device, dtype=dtype))
         self.kind = SLIDING if config.is_sliding(layer_idx) else FULL
         self.scale = d ** -0.5
+        self.layer_idx = layer_idx
 
-    def forward(self, x, cos, sin, masks: dict, impl: str) -> torch.Tensor:
+    def forward(self, x, cos, sin, masks: dict, impl: str, cache: KVCache | None = None) -> torch.Tensor:
         b, t, _ = x.shape
         q = apply_rotary(self.q_proj(x).view(b, t, self.num_heads, self.head_dim), cos, sin)
         k = apply_rotary(self.k_proj(x).view(b, t, self.num_kv_heads, self.head_dim), cos, sin)
@@ -203,10 +237,12 @@ class Attention(nn.Module):
         # GQA: query head j reads kv head j // (nH / nKV).
         rep = self.num_heads // self.num_kv_heads
         q, k, v = (z.transpose(1, 2) for z in (q, k, v))  # [B, heads, T, d]
+        if cache is not None:
+            k, v = cache.update(self.layer_idx, k, v)  # [B, nKV, S, d]: the cached tokens, then these
         k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
         mask = masks[self.kind]
         if impl == "sdpa":
-            bias = mask.expand(b, 1, t, t)
+            bias = mask.expand(b, 1, t, k.shape[2])
             out = _SinkFlashAttentionCPU.apply(q.contiguous(), k.contiguous(), v.contiguous(), self.sinks, bias, self.scale)
         else:
             out = eager_attention(q, k, v, self.sinks, mask, self.scale)
@@ -240,8 +276,8 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, **kw)
         self.mlp = MLPBlock(config, experts=experts, **kw)
 
-    def forward(self, x, cos, sin, masks, impl):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, masks, impl)
+    def forward(self, x, cos, sin, masks, impl, cache: KVCache | None = None):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, masks, impl, cache)
         y, router_logits = self.mlp(self.post_attention_layernorm(x))
         return x + y, router_logits
 
@@ -320,16 +356,23 @@ class GptOssForCausalLM(nn.Module):
 
     # -- forward ----------------------------------------------------------------------------------
     def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None,
-                position_ids: torch.Tensor | None = None, *, return_aux_loss: bool = False) -> CausalLMOutput:
+                position_ids: torch.Tensor | None = None, *, return_aux_loss: bool = False,
+                cache: KVCache | None = None) -> CausalLMOutput:
         """input_ids [B, T]; labels [B, T] aligned with input_ids (shifted here; -100 ignored);
-        position_ids [B, T] (default arange; restart at 0 where a packed example begins)."""
+        position_ids [B, T] (default arange; restart at 0 where a packed example begins).
+        cache: a `KVCache` for generation; input_ids are then the tokens after those it holds, and
+        positions continue from there (no packing)."""
         b, t = input_ids.shape
+        past = len(cache) if cache is not None else 0
         if position_ids is None:
-            position_ids = torch.arange(t, device=input_ids.device).expand(b, t)
+            position_ids = torch.arange(past, past + t, device=input_ids.device).expand(b, t)
         x = self.model.embed_tokens(input_ids)  # [B, T, H]
         impl = self._impl_for(x)
         cos, sin = self.model.rotary(position_ids, x.dtype)
-        masks = attention_masks(position_ids, self.config)
+        if cache is None:
+            masks = attention_masks(position_ids, self.config)
+        else:
+            masks = cached_attention_masks(t, past, self.config, device=x.device)
         if impl == "sdpa":  # the flash kernel takes an additive bias of the query dtype
             masks = {kind: torch.zeros(m.shape, dtype=x.dtype, device=x.device).masked_fill_(~m, float("-inf"))
                      for kind, m in masks.items()}
@@ -338,7 +381,7 @@ class GptOssForCausalLM(nn.Module):
             if self.gradient_checkpointing and torch.is_grad_enabled():
                 x, logits = checkpoint(layer, x, cos, sin, masks, impl, use_reentrant=False)
             else:
-                x, logits = layer(x, cos, sin, masks, impl)
+                x, logits = layer(x, cos, sin, masks, impl, cache)
             router_logits.append(logits)
         x = self.model.norm(x)
         out = CausalLMOutput()

@@ -1,0 +1,193 @@
+"""Generation for gpt-oss: sampling with a KV cache, Harmony prompts and completions, model loading.
+
+    model = load_for_inference("runs/quickstart")            # a run dir, or a checkpoint (+ adapter)
+    prompt = chat_prompt([{"role": "user", "content": "Hi"}], reasoning_effort="low")
+    tokens = generate(model, prompt, max_new_tokens=256)
+    reply = parse_completion(tokens)                          # reply.analysis, reply.final
+
+A completion is what the model writes after the harness's `<|start|>assistant`: messages such as
+`<|channel|>analysis<|message|>...<|end|><|start|>assistant<|channel|>final<|message|>...<|return|>`.
+Generation stops on `<|return|>` or `<|call|>` (DESIGN §4); `<|end|>` only ends one message.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from data.tokenizer import CALL, CHANNEL, END, MESSAGE, RETURN, START, get_tokenizer
+from model import KVCache
+
+STOP_IDS = (RETURN, CALL)
+
+
+@torch.no_grad()
+def generate(model, prompt_ids, *, max_new_tokens: int = 256, temperature: float = 0.0,
+             stop_ids=STOP_IDS, generator: torch.Generator | None = None) -> list[int]:
+    """Sample up to `max_new_tokens` after `prompt_ids` (a list of ids); returns the new ids,
+    including the stop token when one was produced. temperature 0 is greedy."""
+    device = next(model.parameters()).device
+    cache = KVCache()
+    logits = model(torch.tensor([list(prompt_ids)], device=device), cache=cache).logits[0, -1]
+    out: list[int] = []
+    for _ in range(max_new_tokens):
+        token = _sample(logits, temperature, generator)
+        out.append(token)
+        if token in stop_ids:
+            break
+        logits = model(torch.tensor([[token]], device=device), cache=cache).logits[0, -1]
+    return out
+
+
+def _sample(logits: torch.Tensor, temperature: float, generator: torch.Generator | None) -> int:
+    if temperature <= 0:
+        return int(logits.argmax())
+    probs = torch.softmax(logits.float() / temperature, dim=-1)
+    return int(torch.multinomial(probs.cpu(), 1, generator=generator))
+
+
+# -- Harmony prompts and completions -------------------------------------------------------------
+
+def chat_prompt(messages: list[dict], *, reasoning_effort: str | None = None) -> list[int]:
+    """Token ids for a conversation in the `messages` row format (system -> developer instructions,
+    user, assistant with optional `thinking`), ending with `<|start|>assistant` for the model to go on."""
+    import data as datalib
+
+    row = {"messages": [*messages, {"role": "assistant", "content": "."}]}
+    conv = datalib.to_conversation(row, "messages")
+    ids, mask = datalib.render_examples(conv, split_turns=False, reasoning_effort=reasoning_effort)[-1]
+    return prompt_of(ids, mask)
+
+
+def prompt_of(input_ids: list[int], loss_mask: list[int]) -> list[int]:
+    """The prompt of a training example: everything before its first trained token, i.e. what the
+    harness writes before the model answers (it ends with `<|start|>assistant`)."""
+    return list(input_ids[: loss_mask.index(1)])
+
+
+@dataclass
+class HarmonyMessage:
+    channel: str | None
+    content: str
+    recipient: str | None = None
+    content_type: str | None = None
+    role: str = "assistant"
+    terminator: int | None = None
+    """`<|end|>`, `<|return|>`, `<|call|>`, or None when the output stopped mid-message."""
+
+
+@dataclass
+class Completion:
+    messages: list[HarmonyMessage] = field(default_factory=list)
+
+    @property
+    def analysis(self) -> str:
+        return "\n".join(m.content for m in self.messages if m.channel == "analysis")
+
+    @property
+    def final(self) -> str | None:
+        """The final answer (None when the model wrote no final message)."""
+        finals = [m.content for m in self.messages if m.channel == "final"]
+        return finals[-1] if finals else None
+
+    @property
+    def tool_calls(self) -> list[HarmonyMessage]:
+        return [m for m in self.messages if m.terminator == CALL or m.recipient not in (None, "all")]
+
+
+def parse_completion(tokens: list[int]) -> Completion:
+    """Split generated ids (after the prompt's `<|start|>assistant`) into Harmony messages. Lenient:
+    output that breaks the format ends up as content rather than raising."""
+    enc = get_tokenizer()
+    out = Completion()
+    i, n = 0, len(tokens)
+    while i < n:
+        head_start = i
+        while i < n and tokens[i] != MESSAGE:
+            i += 1
+        header = tokens[head_start:i]
+        if i == n:  # no <|message|>: what there is becomes content of an unknown channel
+            if header:
+                out.messages.append(HarmonyMessage(None, enc.decode(header)))
+            break
+        i += 1
+        body_start = i
+        while i < n and tokens[i] not in (END, RETURN, CALL):
+            i += 1
+        terminator = tokens[i] if i < n else None
+        msg = _parse_header(enc.decode(header))
+        msg.content, msg.terminator = enc.decode(tokens[body_start:i]), terminator
+        out.messages.append(msg)
+        i += 1
+    return out
+
+
+def _parse_header(text: str) -> HarmonyMessage:
+    """`<|start|>assistant to=functions.f<|channel|>commentary <|constrain|>json` and its variants
+    (the first message's header has no `<|start|>assistant`: the prompt wrote it)."""
+    channel_tok = get_tokenizer().decode([CHANNEL])
+    text = text.removeprefix(get_tokenizer().decode([START]))
+    role = "assistant"
+    if m := re.match(r"[^\s<]+", text):  # an author before the channel / recipient
+        role, text = m.group(0), text[m.end():]
+    recipient = None
+    if m := re.search(r"\s*to=(\S+?)(?=<\||\s|$)", text):
+        recipient = m.group(1)
+        text = text[: m.start()] + text[m.end():]
+    channel = None
+    if channel_tok in text:
+        before, after = text.split(channel_tok, 1)
+        parts = after.strip().split(None, 1)
+        channel = parts[0] if parts else ""
+        text = before + (parts[1] if len(parts) > 1 else "")
+    content_type = text.strip() or None
+    return HarmonyMessage(channel, "", recipient=recipient, content_type=content_type, role=role)
+
+
+# -- loading ---------------------------------------------------------------------------------------
+
+def load_for_inference(model_or_run: str, *, adapter: str | None = None, dtype: torch.dtype | None = None,
+                       device: str | None = None):
+    """A model ready to generate: a run directory (its base + adapter/, or its model/), or a checkpoint
+    directory / hub id with an optional PEFT adapter directory. Experts stay MXFP4 when stored so."""
+    import yaml
+
+    import model as modellib
+
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = dtype or (torch.bfloat16 if device != "cpu" else torch.float32)
+    path = Path(model_or_run)
+    if (path / "config.yaml").is_file() and not (path / "config.json").is_file():  # a run directory
+        cfg = yaml.safe_load((path / "config.yaml").read_text()) or {}
+        if cfg.get("method") == "full":
+            path = path / "model"
+        else:
+            adapter = adapter or str(path / "adapter")
+            path = Path(cfg["model"]["path"])
+    m = modellib.from_pretrained(str(path), dtype=dtype, experts="mxfp4", device=device)
+    if adapter is not None:
+        load_adapter(m, adapter)
+    m.eval()
+    for p in m.parameters():
+        p.requires_grad_(False)
+    return m
+
+
+def load_adapter(m, adapter_dir) -> None:
+    """Attach a PEFT adapter written by gptoss-ft (or PEFT on transformers' GptOss) to our model."""
+    from safetensors.torch import load_file
+
+    import model as modellib
+
+    adapter_dir = Path(adapter_dir)
+    acfg = json.loads((adapter_dir / "adapter_config.json").read_text())
+    params = acfg.get("target_parameters") or []
+    targets = (["attention"] if acfg.get("target_modules") else []) + \
+        (["experts"] if any("experts" in p for p in params) else []) + \
+        (["router"] if any("router" in p for p in params) else [])
+    modellib.add_lora(m, r=acfg["r"], alpha=acfg["lora_alpha"], targets=tuple(targets))
+    modellib.load_lora_state_dict(m, load_file(str(adapter_dir / "adapter_model.safetensors")))
