@@ -211,16 +211,16 @@ class Experts(nn.Module):
         l1, l2 = (self._lora_weights(p) for p in EXPERT_PROJS)
         l1 = lora_per_expert(*l1, self.num_experts) if l1 is not None else None  # (A_e [r, H], B_e [2I, r])
         l2 = lora_per_expert(*l2, self.num_experts) if l2 is not None else None  # (A_e [r, I], B_e [H, r])
-        outs, start = [], 0
-        for e, n in enumerate(counts):
-            if n == 0:
+        outs = []
+        # split, not slicing: a slice's backward writes a zero-filled [N*k, H] per expert, a split's
+        # backward concatenates the group grads once.
+        for e, xe in enumerate(xs.split(counts)):  # xe [n_e, H]
+            if xe.shape[0] == 0:
                 continue
-            xe = xs[start:start + n]  # [n, H]
             if self.qat:
                 h = self._qat_matmul(xe, w1, l1, e) + b1[e]  # [n, 2I]
                 a = _ClampedSwiGLU.apply(h, self.limit)  # [n, I]
                 outs.append(self._qat_matmul(a, w2, l2, e) + b2[e])  # [n, H]
-                start += n
                 continue
             h = self._matmul(xe, w1, e) + b1[e]  # [n, 2I]
             if l1 is not None:
@@ -230,7 +230,6 @@ class Experts(nn.Module):
             if l2 is not None:
                 y = y + self.lora_scaling * ((a @ l2[0][e].t()) @ l2[1][e].t())
             outs.append(y)
-            start += n
         ys = torch.cat(outs) * expert_weight.reshape(-1)[order].unsqueeze(-1).to(x.dtype)  # [N*k, H]
         return x.new_zeros(n_tokens, x.shape[-1]).index_add(0, token, ys)
 

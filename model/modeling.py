@@ -7,9 +7,10 @@ YaRN RoPE (arXiv:2309.00071) on half-split dims, q/k/v/o biases; a top-k router 
 the chosen k; clamped interleaved SwiGLU experts (`experts.py`); RMSNorm.
 
 Training-time memory (DESIGN §6): with labels, logits are computed only at labeled positions, in
-chunks that are recomputed in backward; `gradient_checkpointing_enable()` recomputes each decoder
-layer; `attn_implementation="sdpa"` runs a fused kernel that never materialises `T x T` scores and
-adds the sink through the log-sum-exp (CPU today; other devices use the eager path).
+chunks whose gradients are taken on the spot (no logits kept for backward);
+`gradient_checkpointing_enable()` recomputes each decoder layer; `attn_implementation="sdpa"` runs a
+fused kernel that never materialises `T x T` scores and adds the sink through the log-sum-exp (CPU
+today; other devices use the eager path).
 
 Packed batches: `position_ids` restart at 0 where an example begins; attention never crosses such
 a boundary, and a position never learns to predict the first token of the next example.
@@ -309,6 +310,56 @@ def load_balancing_loss(router_logits: list[torch.Tensor], num_experts: int, top
     return num_experts * torch.sum((counts / rows) * (prob_sum / rows))
 
 
+def _linear_cross_entropy(h: torch.Tensor, weight: torch.Tensor, y: torch.Tensor, chunk: int,
+                          need_h: bool, need_w: bool):
+    """Summed cross-entropy of logits `h [n, H] @ weight [V, H]^T` against `y [n]`, one chunk of rows
+    at a time; with need_h / need_w also the gradients of that sum w.r.t. h and weight.
+
+    Each chunk's fp32 logits live in one buffer that becomes its softmax and then d(loss)/d(logits)
+    = softmax - onehot in place, and is multiplied out at once: no [n, V] tensor outlives its chunk,
+    and nothing is recomputed in backward (two V-wide matmuls per chunk instead of three).
+    """
+    total = h.new_zeros((), dtype=torch.float32)
+    grad_h = torch.empty_like(h) if need_h else None
+    grad_w = torch.zeros_like(weight) if need_w else None
+    for i in range(0, h.shape[0], chunk):
+        hc, yc = h[i:i + chunk], y[i:i + chunk]
+        logits = F.linear(hc, weight).float()  # [c, V]
+        target = logits.gather(1, yc[:, None]).squeeze(1)
+        top = logits.amax(-1, keepdim=True)
+        # logits now hold exp(z - max); their sum over V = 201088 in float64, so the loss is as
+        # exact as log_softmax's
+        denom = logits.sub_(top).exp_().sum(-1, keepdim=True, dtype=torch.float64)
+        total = total + (top.squeeze(1) + denom.squeeze(1).log() - target).sum().float()
+        if need_h or need_w:
+            grad = logits.div_(denom.float())  # softmax
+            grad[torch.arange(grad.shape[0], device=grad.device), yc] -= 1.0
+            grad = grad.to(weight.dtype)
+            if need_h:
+                grad_h[i:i + chunk] = grad @ weight
+            if need_w:
+                grad_w.addmm_(grad.t(), hc.to(weight.dtype))
+    return total, grad_h, grad_w
+
+
+class _LinearCrossEntropy(torch.autograd.Function):
+    """Summed cross-entropy of `h @ weight^T` whose gradients are computed in forward (the loss is a
+    scalar, so backward only scales them): see `_linear_cross_entropy`."""
+
+    @staticmethod
+    def forward(ctx, h, weight, y, chunk):
+        need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        total, grad_h, grad_w = _linear_cross_entropy(h, weight, y, chunk, need_h, need_w)
+        ctx.save_for_backward(grad_h, grad_w)
+        return total
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad_h, grad_w = ctx.saved_tensors
+        return (None if grad_h is None else grad_h * grad.to(grad_h.dtype),
+                None if grad_w is None else grad_w * grad.to(grad_w.dtype), None, None)
+
+
 class GptOssForCausalLM(nn.Module):
     """gpt-oss with HF parameter names; `experts` "mxfp4" (frozen MXFP4 buffers) or "dequantized" (dense)."""
 
@@ -403,17 +454,12 @@ class GptOssForCausalLM(nn.Module):
         n = targets.numel()
         if n == 0:
             return x.sum() * 0.0, 0
-        total = x.new_zeros((), dtype=torch.float32)
-        for i in range(0, n, self.logits_chunk_size):
-            h, y = hidden[i:i + self.logits_chunk_size], targets[i:i + self.logits_chunk_size]
-            if torch.is_grad_enabled():  # recompute the chunk's logits in backward instead of keeping them
-                total = total + checkpoint(self._ce_sum, h, y, use_reentrant=False)
-            else:
-                total = total + self._ce_sum(h, y)
+        weight = self.lm_head.weight
+        if torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad):
+            total = _LinearCrossEntropy.apply(hidden, weight, targets, self.logits_chunk_size)
+        else:
+            total = _linear_cross_entropy(hidden, weight, targets, self.logits_chunk_size, False, False)[0]
         return total / n, n
-
-    def _ce_sum(self, h: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        return F.cross_entropy(self.lm_head(h).float(), y, reduction="sum")
 
     # -- loading ----------------------------------------------------------------------------------
     @classmethod
