@@ -123,6 +123,25 @@ class WandbSection:
 
 
 @dataclass(frozen=True)
+class EvaluateSection:
+    generate: str | None = None
+    """Held-out rows (in data.format) whose last assistant turn ends in a final answer: the model
+    greedily completes each prompt and `summary.json` reports exact-match accuracy of the final."""
+    limit: int | None = None
+    """Use at most this many held-out rows."""
+    max_new_tokens: int = 64
+    before_training: bool = True
+    """Also measure the base model first (`base_accuracy`)."""
+
+
+@dataclass(frozen=True)
+class ExportSection:
+    formats: tuple[Literal["adapter", "merged", "mxfp4"], ...] = ()
+    """Exports written to output_dir/export/FORMAT after training; merged and mxfp4 are also
+    measured with evaluate.generate (`merged_accuracy`, `mxfp4_accuracy`)."""
+
+
+@dataclass(frozen=True)
 class Config:
     model: ModelSection
     data: DataSection
@@ -132,6 +151,8 @@ class Config:
     lora: LoraSection = field(default_factory=LoraSection)
     train: TrainSection = field(default_factory=TrainSection)
     wandb: WandbSection = field(default_factory=WandbSection)
+    evaluate: EvaluateSection = field(default_factory=EvaluateSection)
+    export: ExportSection = field(default_factory=ExportSection)
 
     def to_dict(self) -> dict[str, Any]:
         return _plain(dataclasses.asdict(self))
@@ -276,6 +297,8 @@ def check_combinations(cfg: Config) -> None:
     if cfg.method == "lora" and cfg.lora.dropout > 0 and set(cfg.lora.targets) & {"experts", "router"}:
         raise ConfigError("lora.dropout must be 0 when lora.targets includes experts or router "
                           "(PEFT's target_parameters adapters have no dropout); target attention only to use it")
+    if cfg.method == "full" and {"adapter"} & set(cfg.export.formats):
+        raise ConfigError("export.formats: a full fine-tune has no adapter to export (use merged or mxfp4)")
     if len(set(cfg.lora.targets)) != len(cfg.lora.targets):
         raise ConfigError(f"lora.targets has duplicates: {list(cfg.lora.targets)}")
     t = cfg.train
@@ -302,10 +325,10 @@ def check_combinations(cfg: Config) -> None:
 def check_paths(cfg: Config) -> None:
     if not Path(cfg.model.path).expanduser().exists() and cfg.model.init_preset is None and _looks_local(cfg.model.path):
         raise ConfigError(f"model.path: no such directory {cfg.model.path!r} (set model.init_preset to build one)")
-    for key in ("train", "eval"):
-        path = getattr(cfg.data, key)
+    for key, path in (("data.train", cfg.data.train), ("data.eval", cfg.data.eval),
+                      ("evaluate.generate", cfg.evaluate.generate)):
         if path is not None and _looks_local(path) and not Path(path).expanduser().exists():
-            raise ConfigError(f"data.{key}: no such file or directory {path!r}")
+            raise ConfigError(f"{key}: no such file or directory {path!r}")
 
 
 def from_dict(d: dict[str, Any], overrides: list[str] = ()) -> Config:

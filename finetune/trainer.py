@@ -158,6 +158,7 @@ def train(config_path: str, overrides: list[str] = (), *, resume: bool = False) 
 
     import data as datalib
 
+    t_begin = time.perf_counter()
     cfg = cfglib.load(config_path, list(overrides))
     precision = cfg.train.precision
     if precision == "auto":
@@ -186,6 +187,10 @@ def train(config_path: str, overrides: list[str] = (), *, resume: bool = False) 
                       f"device {accelerator.device}, precision {precision}")
     accelerator.print(f"trainable parameters: {sum(p.numel() for p in params.values()):,} "
                       f"of {sum(p.numel() for p in model.parameters()):,} ({cfg.method})")
+    results: dict = {}
+    probes = _probes(cfg) if cfg.evaluate.generate and main else None
+    if probes and cfg.evaluate.before_training and not resume:
+        results["base"] = _accuracy(model, probes, cfg, "base model")
     t = cfg.train
     optimizer = torch.optim.AdamW(params.values(), lr=t.lr, betas=t.betas, weight_decay=t.weight_decay)
     if accelerator.distributed_type.value == "DEEPSPEED":
@@ -251,7 +256,14 @@ def train(config_path: str, overrides: list[str] = (), *, resume: bool = False) 
     accelerator.wait_for_everyone()
     state = accelerator.get_state_dict(model)  # whole tensors on the main process (a collective)
     if main:
-        _save_final(cfg, accelerator.unwrap_model(model), state, out)
+        tuned = accelerator.unwrap_model(model)
+        _save_final(cfg, tuned, state, out)
+        train_time = time.perf_counter() - t_start
+        if probes:
+            results["tuned"] = _accuracy(tuned, probes, cfg, "fine-tuned model")
+        for fmt in cfg.export.formats:
+            results.update(_export_and_measure(cfg, out, fmt, probes, accelerator.device))
+        _summarize(cfg, out, results, train_time=train_time, total_time=time.perf_counter() - t_begin)
     accelerator.end_training()
     return out
 
@@ -374,6 +386,73 @@ class _Logger:
             self.progress.stop()
         if self.wandb is not None:
             self.wandb.finish()
+
+
+def _probes(cfg: cfglib.Config):
+    from .evaluate import load_probes
+
+    return load_probes(cfg.evaluate.generate, data_format=cfg.data.format, limit=cfg.evaluate.limit)
+
+
+def _accuracy(model, probes, cfg: cfglib.Config, what: str):
+    from .evaluate import accuracy
+
+    t0 = time.perf_counter()
+    report = accuracy(model, probes, max_new_tokens=cfg.evaluate.max_new_tokens)
+    print(f"{what}: exact-match accuracy {report.accuracy:.3f} on {report.n} held-out prompts "
+          f"({time.perf_counter() - t0:.0f}s)")
+    return report
+
+
+def _export_and_measure(cfg: cfglib.Config, out: Path, fmt: str, probes, device) -> dict:
+    import model as modellib
+
+    from .export import export
+
+    t0 = time.perf_counter()
+    report = export(out, fmt, out / "export" / fmt)
+    print(f"exported {fmt} to {report.path} ({time.perf_counter() - t0:.0f}s)")
+    if fmt == "adapter" or not probes:
+        return {}
+    exported = modellib.from_pretrained(report.path, dtype=_dtype(cfg, device), experts="mxfp4", device=device)
+    return {fmt: _accuracy(exported, probes, cfg, f"{fmt} export")}
+
+
+def _summarize(cfg: cfglib.Config, out: Path, results: dict, *, train_time: float, total_time: float) -> None:
+    """`summary.json`, `loss.png` and a short table: what the run did, in one place."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from .plot import loss_curve_png
+
+    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines() if x.strip()]
+    train = [(r["step"], r["loss"]) for r in rows if "loss" in r]
+    evals = [(r["step"], r["eval_loss"]) for r in rows if "eval_loss" in r]
+    summary = {
+        **{f"{k}_accuracy": v.accuracy for k, v in results.items()},
+        "first_loss": train[0][1] if train else None,
+        "final_loss": train[-1][1] if train else None,
+        "final_eval_loss": evals[-1][1] if evals else None,
+        "steps": train[-1][0] if train else 0,
+        "train_time_s": round(train_time, 1),
+        "total_time_s": round(total_time, 1),
+        "eval_prompts": next(iter(results.values())).n if results else 0,
+        "samples": {k: v.samples for k, v in results.items()},
+    }
+    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    loss_curve_png(out / "loss.png", train, evals)
+    table = Table(title=f"{out}")
+    table.add_column("")
+    table.add_column("value", justify="right")
+    for k, v in results.items():
+        table.add_row(f"{k} accuracy", f"{v.accuracy:.3f}")
+    for key in ("first_loss", "final_loss", "final_eval_loss"):
+        if summary[key] is not None:
+            table.add_row(key.replace("_", " "), f"{summary[key]:.4f}")
+    table.add_row("train time", f"{train_time:.0f}s")
+    table.add_row("total time", f"{total_time:.0f}s")
+    Console().print(table)
+    print(f"summary: {out / 'summary.json'}, loss curve: {out / 'loss.png'}")
 
 
 def _save_final(cfg: cfglib.Config, model, state: dict, out: Path) -> None:

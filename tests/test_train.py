@@ -79,9 +79,14 @@ def test_lora_run_writes_everything_and_peft_loads_the_adapter(tmp_path, tiny_hf
 
 def test_full_finetune_writes_an_hf_model_transformers_loads(tmp_path, tiny_hf, small_data):
     transformers = pytest.importorskip("transformers")
-    cfg = write_config(tmp_path, tiny_hf, small_data, method="full", model={"experts": "dequantized"},
-                       train={"max_steps": 2, "save_every": None, "eval_every": None, "lr": 1e-3})
+    # Also exercised here: gradient checkpointing, the router balancing loss, wandb offline.
+    cfg = write_config(tmp_path, tiny_hf, small_data, method="full",
+                       model={"experts": "dequantized", "gradient_checkpointing": True},
+                       train={"max_steps": 2, "save_every": None, "eval_every": None, "lr": 1e-3,
+                              "aux_loss_coef": 0.01},
+                       wandb={"enabled": True, "mode": "offline", "project": "gptoss-ft-test"})
     assert main(["train", str(cfg)]) == 0
+    assert list((tmp_path / "run" / "wandb").glob("offline-run-*")), "wandb wrote its offline run"
     out = tmp_path / "run" / "model"
     import model as modellib
 
@@ -141,3 +146,20 @@ def test_two_processes_give_the_losses_of_one_with_the_same_global_batch(tmp_pat
     a, b = _losses(tmp_path / "one" / "run"), _losses(tmp_path / "two" / "run")
     assert len(a) == len(b) == 3
     assert all(abs(x - y) <= 1e-4 * abs(x) for x, y in zip(a, b)), (a, b)
+
+
+def test_evaluate_and_export_after_training_write_a_summary_and_a_plot(tmp_path, tiny_hf, small_data):
+    cfg = write_config(tmp_path, tiny_hf, small_data,
+                       train={"max_steps": 2, "save_every": None, "eval_every": 1},
+                       evaluate={"generate": str(small_data / "eval.jsonl"), "limit": 3, "max_new_tokens": 6},
+                       export={"formats": ["adapter", "mxfp4"]})
+    assert main(["train", str(cfg)]) == 0
+    run = tmp_path / "run"
+    summary = json.loads((run / "summary.json").read_text())
+    for key in ("base_accuracy", "tuned_accuracy", "mxfp4_accuracy"):
+        assert 0.0 <= summary[key] <= 1.0, key
+    assert summary["steps"] == 2 and summary["eval_prompts"] == 3 and summary["final_eval_loss"] is not None
+    assert (run / "export" / "adapter" / "adapter_config.json").exists()
+    assert json.loads((run / "export" / "mxfp4" / "config.json").read_text())["quantization_config"]["quant_method"] == "mxfp4"
+    png = (run / "loss.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 1000
