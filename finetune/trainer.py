@@ -211,8 +211,10 @@ def train(config_path: str, overrides: list[str] = (), *, resume: bool = False) 
         else:
             state = load_checkpoint(found, params=params, optimizer=optimizer)
             start, elapsed_before = state["step"], state.get("elapsed_s", 0.0)
-            for _ in range(start):
-                scheduler.step()
+            with warnings.catch_warnings():  # stepping the schedule forward before any optimizer step is the point
+                warnings.simplefilter("ignore", UserWarning)
+                for _ in range(start):
+                    scheduler.step()
             accelerator.print(f"resumed from {found} (step {start} of {total})")
     if main:
         _truncate_metrics(out / "metrics.jsonl", after_step=start)
