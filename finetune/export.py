@@ -259,7 +259,10 @@ def _tensors(run: Run, fmt: str, calib: "_Calibration | None", report: ExportRep
 
 
 def _merged(run: Run, name: str) -> torch.Tensor:
-    """A non-expert tensor in bf16 with its LoRA folded in."""
+    """A non-expert tensor in bf16 with its LoRA folded in (no fp32 copy of tensors without LoRA:
+    the embeddings are the largest tensors of the model)."""
+    if name.removesuffix(".weight") not in run.lora:
+        return run.source.get(name, torch.bfloat16)
     return _merged_f32(run, name).to(torch.bfloat16)
 
 
