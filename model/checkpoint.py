@@ -320,9 +320,9 @@ def _fsync_dir(path: Path) -> None:
 class CheckpointWriter:
     """Streams tensors (by HF name) into a checkpoint directory that appears only when complete.
 
-    layout "hf": shards of at most `max_shard_bytes` with `model.safetensors.index.json` (one file,
-    `model.safetensors`, when everything fits). layout "original": OpenAI's names, q/k/v rows joined
-    into `attn.qkv` (needs MXFP4 experts), written as `model.safetensors`.
+    Shards hold at most `max_shard_bytes` (one file, `model.safetensors`, when everything fits).
+    layout "hf": HF names, with `model.safetensors.index.json` when sharded. layout "original":
+    OpenAI's names, q/k/v rows joined into `attn.qkv` (needs MXFP4 experts).
     Use as a context manager; an exception discards the partial output.
     """
 
@@ -336,9 +336,10 @@ class CheckpointWriter:
         self.tmp.mkdir()
         self.config = config
         self.layout = layout
-        self.max_shard_bytes = max_shard_bytes if layout == "hf" else 1 << 62
+        self.max_shard_bytes = max_shard_bytes
         self._pending: dict[str, torch.Tensor] = {}
         self._pending_bytes = 0
+        self._total_bytes = 0
         self._shards: list[list[str]] = []
         self._qkv: dict[tuple[int, str], dict[str, torch.Tensor]] = {}
         self._mxfp4 = False
@@ -359,6 +360,7 @@ class CheckpointWriter:
             self._flush()
         self._pending[name] = tensor
         self._pending_bytes += size
+        self._total_bytes += size
 
     def _to_original(self, name: str, tensor: torch.Tensor):
         if name in _ORIGINAL_GLOBAL:
@@ -393,22 +395,17 @@ class CheckpointWriter:
             raise CheckpointError(f"incomplete q/k/v for original layout: {sorted(self._qkv)}")
         self._flush()
         total = len(self._shards)
-        if self.layout == "original":
-            os.replace(self.tmp / "shard-0.safetensors", self.tmp / "model.safetensors")
+        weight_map = {}
+        for n, names in enumerate(self._shards):
+            fname = "model.safetensors" if total == 1 else f"model-{n + 1:05d}-of-{total:05d}.safetensors"
+            os.replace(self.tmp / f"shard-{n}.safetensors", self.tmp / fname)
+            for name in names:
+                weight_map[name] = fname
+        if self.layout == "original":  # OpenAI's reader, like ours, takes every .safetensors file in original/
             (self.tmp / "config.json").write_text(json.dumps(self.config.to_original_dict(), indent=2) + "\n")
         else:
-            weight_map, total_size = {}, 0
-            for n, names in enumerate(self._shards):
-                fname = "model.safetensors" if total == 1 else f"model-{n + 1:05d}-of-{total:05d}.safetensors"
-                os.replace(self.tmp / f"shard-{n}.safetensors", self.tmp / fname)
-                for name in names:
-                    weight_map[name] = fname
-                with safe_open(str(self.tmp / fname), framework="pt") as f:
-                    for name in names:
-                        sl = f.get_slice(name)
-                        total_size += _nbytes(sl.get_shape(), sl.get_dtype())
             if total > 1:
-                index = {"metadata": {"total_size": total_size}, "weight_map": dict(sorted(weight_map.items()))}
+                index = {"metadata": {"total_size": self._total_bytes}, "weight_map": dict(sorted(weight_map.items()))}
                 (self.tmp / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
             cfg = self.config.to_hf_dict(mxfp4=self._mxfp4)
             (self.tmp / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
@@ -429,16 +426,6 @@ class CheckpointWriter:
             self.abort()
         elif not self._closed:
             self.close()
-
-
-_DTYPE_BYTES = {"BF16": 2, "F16": 2, "F32": 4, "F64": 8, "U8": 1, "I8": 1, "I32": 4, "I64": 8, "BOOL": 1}
-
-
-def _nbytes(shape, dtype: str) -> int:
-    n = 1
-    for s in shape:
-        n *= s
-    return n * _DTYPE_BYTES[dtype]
 
 
 def save(out_dir: str | os.PathLike, config: GptOssConfig, tensors: Iterable[tuple[str, torch.Tensor]],

@@ -153,3 +153,13 @@ def test_write_is_atomic(tiny_hf, tmp_path):
     assert sorted(p.name for p in target.iterdir()) == before
     assert [p.name for p in tmp_path.iterdir()] == ["ckpt"], "no temp directory is left behind"
     Checkpoint(target).validate()
+
+
+def test_original_layout_shards_and_reads_back(tiny_hf, tmp_path):
+    src = Checkpoint(tiny_hf)
+    out = save(tmp_path / "orig", src.config, src.items(), layout="original", max_shard_bytes=8 << 20)
+    assert len(list(out.glob("*.safetensors"))) > 2
+    back = Checkpoint(out)
+    assert back.layout == "original"
+    for name in src.names():
+        assert torch.equal(src.get(name), back.get(name)), name
