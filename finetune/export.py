@@ -131,7 +131,7 @@ class ExportReport:
 
 
 def export(run_dir, fmt: str, out, *, base: str | None = None, layout: str = "hf", requant: str = "gptq",
-           calib_tokens: int = 512, calib_data: str | None = None,
+           calib_tokens: int = 2048, calib_data: str | None = None,
            max_shard_bytes: int = DEFAULT_SHARD_BYTES) -> ExportReport:
     """Write `fmt` ("adapter", "merged" or "mxfp4") for the run in `run_dir` to `out`.
 
