@@ -7,7 +7,8 @@ Without --source it exports a random tiny gpt-oss (`gptoss-ft init`) to GGUF. On
 prompts (longer than the tiny model's sliding window) it compares, position by position, the logits
 llama.cpp computes with our model's (fp32), and the greedy continuations token by token. It also
 checks that llama.cpp tokenizes text (special tokens included) as o200k_harmony does. Exits 1 on a
-disagreement.
+disagreement: logits off by more than 2% of their scale, or greedy tokens that differ where our
+top-2 gap is larger than the measured logit error (a smaller gap is a near-tie, reported as such).
 
 llama.cpp comes from `llama-cpp-python`'s source package on PyPI, compiled once (minutes on 2 cores)
 into a cached wheel:
@@ -89,6 +90,7 @@ def main() -> int:
         llm.eval(prompt)
         got = torch.tensor(llm.scores[: len(prompt)], dtype=torch.float32)
         rel = ((got - ref).abs().amax(-1) / ref.abs().amax(-1)).max().item()  # per position, vs the logit scale
+        err = (got - ref).abs().max().item()
         worst = max(worst, rel)
         mine = generate(ours, prompt, max_new_tokens=args.tokens, stop_ids=())
         theirs, ctx = [], list(prompt)
@@ -97,12 +99,21 @@ def main() -> int:
             theirs.append(tok)
             ctx.append(tok)
             llm.eval([tok])
-        same = sum(a == b for a, b in zip(mine, theirs))
-        agree, total = agree + same, total + len(mine)
-        top2 = ref[-1].topk(2).values
-        ok &= _report(f"prompt of {len(prompt)} tokens", mine == theirs and rel < 2e-2,
-                      f"max rel logit error {rel:.2e}, greedy agreement {same}/{len(mine)}, "
-                      f"first-token margin {float(top2[0] - top2[1]):.3f}\n    ours  {mine}\n    llama {theirs}")
+        # Greedy agreement up to the first divergence; a divergence passes only as a near-tie: our
+        # top-2 gap there is within the logit error measured above (random tiny models have many).
+        n = next((k for k, (a, b) in enumerate(zip(mine, theirs)) if a != b), len(mine))
+        agree, total = agree + n, total + len(mine)
+        verdict = f"greedy agreement {n}/{len(mine)}"
+        passed = rel < 2e-2
+        if n < len(mine):
+            with torch.no_grad():
+                step = ours(torch.tensor([prompt + mine[:n]])).logits[0, -1].float()
+            gap = float(step[mine[n]] - step[theirs[n]])
+            tie = gap <= 2 * err
+            verdict += f", then a {'near-tie' if tie else 'real disagreement'} (our gap {gap:.4f}, logit error {err:.4f})"
+            passed &= tie
+        ok &= _report(f"prompt of {len(prompt)} tokens", passed,
+                      f"max rel logit error {rel:.2e}, {verdict}\n    ours  {mine}\n    llama {theirs}")
     print(f"overall: greedy tokens agree {agree}/{total}; max relative logit error {worst:.2e}")
     return 0 if ok else 1
 
