@@ -323,23 +323,28 @@ def _linear_cross_entropy(h: torch.Tensor, weight: torch.Tensor, y: torch.Tensor
     grad_h = torch.empty_like(h) if need_h else None
     grad_w = torch.zeros_like(weight) if need_w else None
     for i in range(0, h.shape[0], chunk):
-        hc, yc = h[i:i + chunk], y[i:i + chunk]
-        logits = F.linear(hc, weight).float()  # [c, V]
-        target = logits.gather(1, yc[:, None]).squeeze(1)
-        top = logits.amax(-1, keepdim=True)
-        # logits now hold exp(z - max); their sum over V = 201088 in float64, so the loss is as
-        # exact as log_softmax's
-        denom = logits.sub_(top).exp_().sum(-1, keepdim=True, dtype=torch.float64)
-        total = total + (top.squeeze(1) + denom.squeeze(1).log() - target).sum().float()
-        if need_h or need_w:
-            grad = logits.div_(denom.float())  # softmax
-            grad[torch.arange(grad.shape[0], device=grad.device), yc] -= 1.0
-            grad = grad.to(weight.dtype)
-            if need_h:
-                grad_h[i:i + chunk] = grad @ weight
-            if need_w:
-                grad_w.addmm_(grad.t(), hc.to(weight.dtype))
+        # one call per chunk: its [c, V] buffer is freed on return, before the next one is allocated
+        total = total + _chunk_cross_entropy(h[i:i + chunk], weight, y[i:i + chunk],
+                                             None if grad_h is None else grad_h[i:i + chunk], grad_w)
     return total, grad_h, grad_w
+
+
+def _chunk_cross_entropy(hc, weight, yc, grad_h, grad_w) -> torch.Tensor:
+    """One chunk of `_linear_cross_entropy`: writes its grads into grad_h (its rows) and adds into grad_w."""
+    logits = F.linear(hc, weight).float()  # [c, V]
+    target = logits.gather(1, yc[:, None]).squeeze(1)
+    top = logits.amax(-1, keepdim=True)
+    denom = logits.sub_(top).exp_().sum(-1, keepdim=True)  # logits now hold exp(z - max)
+    loss = (top.squeeze(1) + denom.squeeze(1).log() - target).sum()
+    if grad_h is not None or grad_w is not None:
+        grad = logits.div_(denom)  # softmax
+        grad[torch.arange(grad.shape[0], device=grad.device), yc] -= 1.0
+        grad = grad.to(weight.dtype)
+        if grad_h is not None:
+            torch.matmul(grad, weight, out=grad_h)
+        if grad_w is not None:
+            grad_w.addmm_(grad.t(), hc.to(weight.dtype))
+    return loss
 
 
 class _LinearCrossEntropy(torch.autograd.Function):
