@@ -114,8 +114,17 @@ def _plan_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seq-len", type=int, default=2048)
     p.add_argument("--batch-size", type=int, default=1)
     p.add_argument("--gpus", type=int, default=1)
-    p.add_argument("--device", choices=("cpu", "cuda"), default="cuda")
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cuda",
+                   help="cuda: GPU memory per device; cpu: the peak RSS of a CPU run (fp32)")
+    p.add_argument("--gradient-checkpointing", action="store_true", help="recompute each layer in backward")
+    p.add_argument("--lora-r", type=int, default=16, help="LoRA rank (attention + experts)")
+    p.add_argument("--json", action="store_true", help='print {"peak_gib": ..., "breakdown": {...}} instead of a table')
+
+
+def _plan(args: argparse.Namespace) -> int:
+    from .plan import command
+
+    return command(args)
 
 
 def _chat_args(p: argparse.ArgumentParser) -> None:
@@ -173,7 +182,7 @@ COMMANDS: dict[str, tuple[str, Callable, Callable[[argparse.Namespace], int]]] =
     "train": ("fine-tune from a YAML config (LoRA or full)", _train_args, _train),
     "export": ("write an adapter, a merged model, or an MXFP4 model from a run", _export_args, _export),
     "render": ("show what the model sees and what is trained, for a dataset", _render_args, _render),
-    "plan": ("predict peak memory for a model, method and batch", _plan_args, _not_yet(7)),
+    "plan": ("predict peak memory for a model, method and batch", _plan_args, _plan),
     "chat": ("talk to a model or a fine-tuned run", _chat_args, _chat),
     "init": ("write a random gpt-oss checkpoint (tiny by default) for tests and the quickstart", _init_args, _init),
 }

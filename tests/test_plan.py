@@ -1,0 +1,105 @@
+"""`gptoss-ft plan`: the CPU prediction against the measured peak RSS of real training runs, the
+terms that must scale as documented, and the CLI."""
+
+import json
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from finetune import plan as planlib
+from finetune.cli import main as cli
+from model.checkpoint import write_random
+from model.config import GptOssConfig, preset
+
+ROOT = Path(__file__).resolve().parents[1]
+
+_MEASURE = """
+import resource, subprocess, sys
+subprocess.run(sys.argv[1:], check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024)
+"""
+
+
+def _data(path: Path, rows: int) -> None:
+    """Long completions after short prompts: most tokens are trained, so every micro-batch has more
+    than one logits chunk (1024 rows) of targets and the loss term is the one the plan assumes."""
+    rng = random.Random(0)
+    words = "the of weather Paris tool because therefore result 42 model train memory plan".split()
+    with open(path, "w") as f:
+        for _ in range(rows):
+            f.write(json.dumps({"prompt": " ".join(rng.choices(words, k=8)),
+                                "completion": " ".join(rng.choices(words, k=400))}) + "\n")
+
+
+def _measured_peak(tmp: Path, name: str, base: Path, *, seq_len: int, batch: int, ckpt: bool) -> int:
+    data = tmp / "data.jsonl"
+    if not data.exists():
+        _data(data, 40)
+    cfg = {"model": {"path": str(base), "experts": "mxfp4", "gradient_checkpointing": ckpt},
+           "data": {"train": str(data), "format": "prompt_completion", "max_seq_len": seq_len, "packing": True},
+           "method": "lora", "lora": {"r": 16, "alpha": 32, "targets": ["attention", "experts"]},
+           "train": {"max_steps": 3, "batch_size": batch, "lr": 1e-4}, "output_dir": str(tmp / name)}
+    path = tmp / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    out = subprocess.run([sys.executable, "-c", _MEASURE, sys.executable, "-m", "finetune.cli", "train", str(path)],
+                         check=True, capture_output=True, text=True, cwd=ROOT)
+    return int(out.stdout.strip().splitlines()[-1])
+
+
+CASES = {
+    # tiny preset (H=64, 2 layers, 8 experts), no checkpointing
+    "tiny": (lambda: preset("tiny"), dict(seq_len=512, batch=4, ckpt=False)),
+    # wider and deeper, more experts, gradient checkpointing, another batch shape
+    "wide": (lambda: GptOssConfig(hidden_size=256, intermediate_size=256, num_hidden_layers=4,
+                                  num_attention_heads=8, num_key_value_heads=2, head_dim=32, num_local_experts=16,
+                                  num_experts_per_tok=4, sliding_window=64,
+                                  quantization_config=preset("tiny").quantization_config),
+             dict(seq_len=1024, batch=2, ckpt=True)),
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", list(CASES))
+def test_cpu_prediction_is_within_20_percent_of_a_real_run(tmp_path, case):
+    make_config, run = CASES[case]
+    base = write_random(tmp_path / "base", make_config(), seed=0)
+    measured = _measured_peak(tmp_path, case, base, seq_len=run["seq_len"], batch=run["batch"], ckpt=run["ckpt"])
+    predicted = planlib.plan(str(base), method="lora", seq_len=run["seq_len"], batch_size=run["batch"],
+                             device="cpu", gradient_checkpointing=run["ckpt"]).peak_bytes
+    print(f"{case}: predicted {predicted / 2**20:.0f} MiB, measured {measured / 2**20:.0f} MiB, "
+          f"error {predicted / measured - 1:+.1%}")
+    assert abs(predicted / measured - 1) <= 0.20, (predicted, measured)
+
+
+def test_terms_scale_as_documented():
+    base = planlib.plan("gpt-oss-20b", seq_len=2048)
+    two = planlib.plan("gpt-oss-20b", seq_len=2048, gpus=2)
+    gb = base.breakdown
+    # LoRA r=16 on attention and experts of gpt-oss-20b: exact count from the shapes in DESIGN §4
+    per_layer = 16 * ((2880 + 4096) * 2 + (2880 + 512) * 2) + 16 * 32 * (2880 + 5760) + 16 * 32 * (2880 + 2880)
+    assert gb["trainable: LoRA adapters (fp32)"] == 24 * per_layer * 4
+    assert gb["optimizer: AdamW m and v"] == 2 * gb["gradients"] == 2 * gb["trainable: LoRA adapters (fp32)"]
+    # MXFP4 experts are buffers: FSDP does not shard them; adapters, grads and optimizer state it does
+    key = "weights: experts MXFP4 blocks + scales (uint8)"
+    assert two.breakdown[key] == gb[key] == 24 * 32 * 3 * 2880 * 2880 * 17 // 32
+    assert two.breakdown["gradients"] == gb["gradients"] // 2
+    ckpt = planlib.plan("gpt-oss-20b", seq_len=2048, gradient_checkpointing=True)
+    assert ckpt.breakdown["activations (gradient checkpointing)"] < gb["activations"] / 5
+    full = planlib.plan("gpt-oss-20b", method="full", seq_len=2048, gpus=8)
+    assert "weights: experts dense (model dtype, trained)" in full.breakdown
+    assert full.peak_bytes > base.peak_bytes
+
+
+def test_cli_json_and_table(capsys):
+    assert cli(["plan", "--model", "gpt-oss-120b", "--method", "lora", "--seq-len", "2048", "--batch-size", "1",
+                "--gpus", "1", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["peak_gib"] == pytest.approx(sum(out["breakdown"].values()), abs=0.01)
+    assert out["peak_gib"] == round(planlib.plan("gpt-oss-120b").peak_bytes / 2**30, 3)
+    assert cli(["plan", "--model", "gpt-oss-20b", "--method", "full", "--gpus", "8", "--gradient-checkpointing"]) == 0
+    assert "peak" in capsys.readouterr().out
+    assert cli(["plan", "--model", "no-such-model"]) == 2
