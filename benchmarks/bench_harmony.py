@@ -73,11 +73,11 @@ def harmony_examples(rows: list[dict]):
     return convs
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rows", type=int, default=2000)
     parser.add_argument("--num-proc", type=int, default=2)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
 
     from openai_harmony import HarmonyEncodingName, RenderConversationConfig, load_harmony_encoding
 
@@ -107,6 +107,9 @@ def main() -> None:
     for name, secs in (("openai-harmony", t_harmony), ("gptoss-ft", t_ours), (f"gptoss-ft num_proc={args.num_proc}", t_mp)):
         print(f"{name:28s} {secs:7.3f} s  {len(theirs) / secs:9.0f} examples/s  {tokens / secs / 1e6:6.2f} M tokens/s"
               f"  {t_harmony / secs:5.2f}x")
+    return {"rows": args.rows, "examples": len(theirs), "tokens": tokens, "openai_harmony_s": t_harmony,
+            "ours_s": t_ours, "ours_num_proc_s": t_mp, "num_proc": args.num_proc,
+            "speedup": t_harmony / t_ours, "speedup_num_proc": t_harmony / t_mp}
 
 
 if __name__ == "__main__":

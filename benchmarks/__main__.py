@@ -1,0 +1,189 @@
+"""Every benchmark, one command: `python -m benchmarks [--quick]` writes benchmarks/RESULTS.md and
+benchmarks/results.json.
+
+Each row measures ours and the peer in the same run, on this machine, on the same weights, tokens
+and batch (the scripts below say how); the ratio is what counts, since a shared machine's absolute
+figures move with its load (recorded next to the results).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+HERE = Path(__file__).resolve().parent
+GIB = 2 ** 30
+
+
+def _train_step(quick: bool) -> list[dict]:
+    from benchmarks import bench_train_step
+
+    r = bench_train_step.main(["--quick"] if quick else [])
+    ours, peer = r["results"]["ours"], r["results"]["peer"]
+    s = r["shape"]
+    what = (f"LoRA step (attn+experts, r=16), {s['num_hidden_layers']} layers H=512 E=32 top-4 V=201088, "
+            f"batch 2x512, ~25% tokens trained, fp32 CPU")
+    return [
+        {"what": what + ": tokens/s", "ours": ours["tokens_per_s"], "peer": peer["tokens_per_s"],
+         "peer_name": "transformers GptOss + PEFT target_parameters", "ratio": r["speed_ratio"],
+         "goal": ">= 1.5x", "met": r["speed_ratio"] >= 1.5, "unit": "tokens/s", "detail": r},
+        {"what": what + ": peak RSS", "ours": ours["peak_rss_bytes"] / GIB, "peer": peer["peak_rss_bytes"] / GIB,
+         "peer_name": "transformers GptOss + PEFT target_parameters", "ratio": r["memory_ratio"],
+         "goal": "<= 0.5x", "met": r["memory_ratio"] <= 0.5, "unit": "GiB"},
+    ]
+
+
+def _moe(quick: bool) -> list[dict]:
+    from benchmarks import bench_moe
+
+    with tempfile.NamedTemporaryFile(suffix=".json") as f:
+        bench_moe.main((["--quick"] if quick else []) + ["--json", f.name])
+        r = json.loads(Path(f.name).read_text())
+    ours, peer = r["results"]["ours"], r["results"]["transformers"]
+    shape = bench_moe.SHAPES["quick" if quick else "default"]
+    what = f"MoE layer + expert LoRA fwd+bwd, E={shape['experts']} H=I={shape['hidden']}, 512 tokens, fp32"
+    return [
+        {"what": what + ": tokens/s", "ours": ours["tokens_per_s"], "peer": peer["tokens_per_s"],
+         "peer_name": "transformers GptOssExperts + PEFT", "ratio": r["speed_ratio"], "goal": ">= 3x",
+         "met": r["speed_ratio"] >= 3, "unit": "tokens/s", "detail": r},
+        {"what": what + ": peak memory", "ours": ours["peak_bytes"] / GIB, "peer": peer["peak_bytes"] / GIB,
+         "peer_name": "transformers GptOssExperts + PEFT", "ratio": r["memory_ratio"], "goal": "(reported)",
+         "met": None, "unit": "GiB"},
+    ]
+
+
+def _mxfp4(quick: bool) -> list[dict]:
+    from benchmarks import bench_mxfp4
+
+    r = bench_mxfp4.main(["--quick"] if quick else [])
+    d = r["dequantize"]
+    rows = [
+        {"what": f"MXFP4 dequantize {d['shape']} -> bf16 (identical output: {d['identical_output']})",
+         "ours": d["ours_gparam_s"], "peer": d["transformers_gparam_s"],
+         "peer_name": "transformers convert_moe_packed_tensors", "ratio": d["speedup"], "goal": ">= 10x",
+         "met": d["speedup"] >= 10 and d["identical_output"], "unit": "Gparam/s", "detail": r},
+        {"what": "MXFP4 dequantize as a fraction of a plain bf16 copy of the output", "ours": d["ours_gparam_s"],
+         "peer": d["copy_gparam_s"], "peer_name": "torch copy_", "ratio": d["fraction_of_copy"],
+         "goal": "(reported)", "met": None, "unit": "Gparam/s"},
+    ]
+    for name, q in r["quantize_error"].items():
+        rows.append({"what": f"MXFP4 quantize MSE, {name} weights", "ours": q["mse"], "peer": q["spec_mse"],
+                     "peer_name": "OCP spec scale rule", "ratio": q["ratio"], "goal": "< 1x",
+                     "met": q["ratio"] < 1, "unit": "MSE"})
+    return rows
+
+
+def _harmony(quick: bool) -> list[dict]:
+    from benchmarks import bench_harmony
+
+    r = bench_harmony.main(["--rows", "500" if quick else "2000"])
+    return [{"what": f"Harmony render + tokenize, {r['rows']} rows -> {r['examples']} examples (one process)",
+             "ours": r["examples"] / r["ours_s"], "peer": r["examples"] / r["openai_harmony_s"],
+             "peer_name": "openai-harmony render_conversation_for_training", "ratio": r["speedup"],
+             "goal": ">= 1x", "met": r["speedup"] >= 1, "unit": "examples/s", "detail": r}]
+
+
+def _export(quick: bool) -> list[dict]:
+    try:
+        from finetune import export  # noqa: F401
+    except ImportError:
+        return [{"what": "export peak memory vs model size", "ours": None, "peer": None, "ratio": None,
+                 "goal": "(reported)", "met": None, "unit": "GiB", "peer_name": "-",
+                 "note": "NOT MEASURED: finetune/export.py does not exist yet"}]
+    from benchmarks import bench_export
+
+    r = bench_export.main(["--quick"] if quick else [])
+    size = r["merged_bytes"] / GIB
+    return [
+        {"what": f"export --format merged, peak RSS (merged bf16 model {size:.2f} GiB)",
+         "ours": r["ours_merged_peak"] / GIB, "peer": r["peer_merged_peak"] / GIB,
+         "peer_name": "transformers + PEFT merge_and_unload + save_pretrained", "ratio": r["memory_ratio"],
+         "goal": "(reported)", "met": None, "unit": "GiB", "detail": r},
+        {"what": "export --format mxfp4 (GPTQ), peak RSS / merged bf16 model size", "ours": r["ours_mxfp4_peak"] / GIB,
+         "peer": size, "peer_name": "merged bf16 model size", "ratio": r["ours_mxfp4_peak"] / r["merged_bytes"],
+         "goal": "(reported)", "met": None, "unit": "GiB"},
+    ]
+
+
+BENCHES = {"train_step": _train_step, "moe": _moe, "mxfp4": _mxfp4, "harmony": _harmony, "export": _export}
+
+
+def _fmt(x) -> str:
+    if x is None:
+        return "-"
+    if isinstance(x, float):
+        return f"{x:.3g}" if abs(x) < 1e-2 or abs(x) >= 1e4 else f"{x:,.2f}"
+    return str(x)
+
+
+def write_markdown(path: Path, out: dict) -> None:
+    env = out["environment"]
+    lines = [
+        "# Benchmarks",
+        "",
+        f"`python -m benchmarks{' --quick' if out['quick'] else ''}` on {env['cpu']} "
+        f"({env['threads']} torch threads), torch {env['torch']}, Python {env['python']}; "
+        f"load average {env['load_before']} before, {env['load_after']} after (the machine is shared: "
+        "same-run ratios count, absolute figures move with load).",
+        f"This run took {out['total_s'] / 60:.1f} min"
+        + (" (--quick)." if out["quick"] else " (full run).")
+        + (f" The last full run took {out['full_run_s'] / 60:.1f} min." if out.get("full_run_s") else ""),
+        "",
+        "| what | ours | peer | ratio | goal | met? |",
+        "|---|---|---|---|---|---|",
+    ]
+    for r in out["rows"]:
+        met = {True: "yes", False: "**no**", None: "-"}[r["met"]]
+        note = f" {r['note']}" if r.get("note") else ""
+        lines.append(f"| {r['what']}{note} | {_fmt(r['ours'])} {r['unit']} | {_fmt(r['peer'])} {r['unit']} "
+                     f"({r['peer_name']}) | {_fmt(r['ratio'])}x | {r['goal']} | {met} |")
+    lines += ["", "Details (every measured figure, per side) are in `results.json`; each script's docstring "
+              "says what it times and how memory is read (`python -m benchmarks.bench_X --help`)."]
+    path.write_text("\n".join(lines) + "\n")
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="smaller shapes, fewer repetitions (< 5 minutes)")
+    ap.add_argument("--only", nargs="*", choices=list(BENCHES), help="run these rows only")
+    ap.add_argument("--out", default=str(HERE), help="directory for RESULTS.md and results.json")
+    args = ap.parse_args(argv)
+    out_dir = Path(args.out)
+    t0 = time.perf_counter()
+    load_before = ", ".join(f"{x:.1f}" for x in os.getloadavg())
+    rows = []
+    for name in args.only or BENCHES:
+        print(f"== {name}", flush=True)
+        t = time.perf_counter()
+        rows += BENCHES[name](args.quick)
+        print(f"   ({time.perf_counter() - t:.0f} s)", flush=True)
+    total = time.perf_counter() - t0
+    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),
+               platform.processor())
+    out = {"quick": args.quick, "total_s": total, "rows": rows,
+           "environment": {"cpu": f"{cpu}, {os.cpu_count()} cores", "threads": torch.get_num_threads(),
+                           "torch": torch.__version__, "python": platform.python_version(),
+                           "load_before": load_before,
+                           "load_after": ", ".join(f"{x:.1f}" for x in os.getloadavg())}}
+    previous = out_dir / "results.json"
+    if previous.exists():  # keep the last full run's duration next to a quick run's
+        old = json.loads(previous.read_text())
+        out["full_run_s"] = old["total_s"] if not old.get("quick") else old.get("full_run_s")
+    if not args.quick:
+        out["full_run_s"] = total
+    (out_dir / "results.json").write_text(json.dumps(out, indent=2, default=str))
+    write_markdown(out_dir / "RESULTS.md", out)
+    print((out_dir / "RESULTS.md").read_text())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
