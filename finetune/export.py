@@ -416,6 +416,10 @@ def gptq_quantize(w: torch.Tensor, gram: torch.Tensor, *, keep_scales: torch.Ten
     dead = torch.diagonal(h) == 0  # inputs never seen: their columns are simply rounded
     h[dead, dead] = 1.0
     h += damp * torch.diagonal(h).mean() * torch.eye(in_dim, dtype=h.dtype, device=h.device)
+    # "Act order" (the GPTQ authors' reference code): round the columns with the largest input
+    # energy first, while the most later columns remain to absorb their error.
+    perm = torch.argsort(torch.diagonal(h), descending=True)
+    h, w, step = h[perm][:, perm], w[:, perm], step[:, perm]
     hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True).to(w.dtype)
     w = w.clone()
     q = torch.empty_like(w)
@@ -430,6 +434,7 @@ def gptq_quantize(w: torch.Tensor, gram: torch.Tensor, *, keep_scales: torch.Ten
             w1[:, i:] -= err.unsqueeze(1) * hinv1[i, i:].unsqueeze(0)
             err1[:, i] = err
         w[:, i2:] -= err1 @ hinv[i1:i2, i2:]
+    q = q[:, torch.argsort(perm)]  # back to the input order
     return mxfp4.quantize_with_scales(q, scales), scales
 
 
