@@ -82,7 +82,7 @@ def _export_args(p: argparse.ArgumentParser) -> None:
                    help="original: OpenAI's layout (mxfp4 only)")
     p.add_argument("--requant", choices=("gptq", "nearest"), default="gptq",
                    help="mxfp4: error-aware GPTQ rounding on calibration tokens (default) or plain nearest")
-    p.add_argument("--calib-tokens", type=int, default=512, help="mxfp4/gptq: training tokens to calibrate on")
+    p.add_argument("--calib-tokens", type=int, default=2048, help="mxfp4/gptq: training tokens to calibrate on")
     p.add_argument("--calib-data", default=None, help="mxfp4/gptq: calibration data (default: the run's data.train)")
 
 

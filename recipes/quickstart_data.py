@@ -1,8 +1,8 @@
 """The quickstart's synthetic task: name an animal's sound, reasoning first (analysis), then the answer (final).
 
 A tiny random model cannot know the answer (base accuracy ~0) but can learn it: the animal is one
-token in a prompt of random fillers, and held-out prompts pair animals with fillers never seen in
-training. Regenerate with `python -m recipes.quickstart_data` (seeded, so the files are reproducible).
+token at the end of a prompt of random fillers, and held-out prompts pair animals with fillers and
+templates never seen together in training. Regenerate with `python -m recipes.quickstart_data` (seeded, so the files are reproducible).
 """
 
 from __future__ import annotations
@@ -19,12 +19,18 @@ ADJECTIVES = ["small", "old", "happy", "brown", "quiet", "tired", "young", "wild
               "grey", "spotted", "hungry", "sleepy", "brave", "shy", "noisy", "gentle", "curious"]
 PLACES = ["the farm", "the forest", "the city", "the river", "the zoo", "the garden", "the hills", "the barn",
           "the park", "the village", "the meadow", "the lake", "the desert", "the valley", "the island"]
+# The animal comes last, a few tokens before the answer starts, so the tiny model's sliding-window
+# layers (window 16) can see it too; the fillers before it vary so held-out prompts are new.
 TEMPLATES = [
-    "The {adj} {animal} from {place} makes which sound?",
-    "Which sound does a {adj} {animal} living near {place} make?",
-    "What sound would you hear from the {adj} {animal} at {place}?",
+    "Something {adj} lives near {place}. Which sound does it make? It is {a_animal}",
+    "Name the sound made by the {adj} creature from {place}, which is a {animal}",
+    "At {place} I met a {adj} animal. What does it say? The animal: {animal}",
 ]
 DEVELOPER = "Answer with the sound only, in lowercase."
+
+
+def _a(word: str) -> str:
+    return ("an " if word[0] in "aeiou" else "a ") + word
 
 
 def row(animal: str, adj: str, place: str, template: str) -> dict:
@@ -32,8 +38,8 @@ def row(animal: str, adj: str, place: str, template: str) -> dict:
     return {
         "messages": [
             {"role": "system", "content": DEVELOPER},
-            {"role": "user", "content": template.format(adj=adj, animal=animal, place=place)},
-            {"role": "assistant", "thinking": f"The animal is a {animal}. A {animal} says {sound}.", "content": sound},
+            {"role": "user", "content": template.format(adj=adj, animal=animal, a_animal=_a(animal), place=place)},
+            {"role": "assistant", "thinking": f"The animal is {_a(animal)}. It says {sound}.", "content": sound},
         ]
     }
 
