@@ -82,7 +82,8 @@ def loss_curve_png(path: str | Path, train: list[tuple[int, float]], evals: list
         if vmax == vmin:
             vmax = vmin + 1
         pad = 0.05 * (vmax - vmin)
-        vmin, vmax = vmin - pad, vmax + pad
+        # Losses are not negative: the axis starts at 0 rather than below it.
+        vmin, vmax = (max(0.0, vmin - pad) if vmin >= 0 else vmin - pad), vmax + pad
 
         def xy(s: float, v: float) -> tuple[float, float]:
             return (left + (s - smin) / (smax - smin) * (right - left), bottom - (v - vmin) / (vmax - vmin) * (bottom - top))
