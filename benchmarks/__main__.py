@@ -92,12 +92,6 @@ def _harmony(quick: bool) -> list[dict]:
 
 
 def _export(quick: bool) -> list[dict]:
-    try:
-        from finetune import export  # noqa: F401
-    except ImportError:
-        return [{"what": "export peak memory vs model size", "ours": None, "peer": None, "ratio": None,
-                 "goal": "(reported)", "met": None, "unit": "GiB", "peer_name": "-",
-                 "note": "NOT MEASURED: finetune/export.py does not exist yet"}]
     from benchmarks import bench_export
 
     r = bench_export.main(["--quick"] if quick else [])

@@ -33,7 +33,8 @@ import yaml
 from safetensors.torch import load_file
 
 from model import mxfp4
-from model.checkpoint import DEFAULT_SHARD_BYTES, Checkpoint, CheckpointError, CheckpointWriter, expected_shapes
+from model.checkpoint import (DEFAULT_SHARD_BYTES, Checkpoint, CheckpointWriter, atomic_directory,
+                              expected_shapes)
 from model.config import MXFP4_QUANTIZATION_CONFIG, GptOssConfig
 from model.experts import EXPERT_PROJS, lora_per_expert, swiglu_reference
 from model.lora import PEFT_PREFIX
@@ -174,17 +175,14 @@ def export(run_dir, fmt: str, out, *, base: str | None = None, layout: str = "hf
 def _export_adapter(run: Run, out: Path, base: str | None) -> ExportReport:
     if run.adapter_dir is None:
         raise ExportError(f"{run.path} is a full fine-tuning run: it has no adapter (export merged or mxfp4)")
-    tmp = out.with_name(f".{out.name}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    shutil.copytree(run.adapter_dir, tmp)
-    acfg = json.loads((tmp / "adapter_config.json").read_text())
-    if base is not None:
-        acfg["base_model_name_or_path"] = str(Path(base).resolve()) if Path(base).exists() else base
-        (tmp / "adapter_config.json").write_text(json.dumps(acfg, indent=2) + "\n")
-    (tmp / "README.md").write_text(adapter_readme(acfg, out))
-    if out.exists():
-        shutil.rmtree(out)
-    tmp.rename(out)
+    with atomic_directory(out) as tmp:
+        for f in run.adapter_dir.iterdir():
+            shutil.copy(f, tmp / f.name)
+        acfg = json.loads((tmp / "adapter_config.json").read_text())
+        if base is not None:
+            acfg["base_model_name_or_path"] = str(Path(base).resolve()) if Path(base).exists() else base
+            (tmp / "adapter_config.json").write_text(json.dumps(acfg, indent=2) + "\n")
+        (tmp / "README.md").write_text(adapter_readme(acfg, out))
     return ExportReport(out, "adapter")
 
 

@@ -7,9 +7,6 @@ weights get adapters, and their names, are decided by `model.lora` (the same nam
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import uuid
 from pathlib import Path
 
 from safetensors.torch import save_file
@@ -18,7 +15,7 @@ ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 
 
-def save_adapter(model, out_dir: str | os.PathLike, *, base_model: str, state_dict: dict | None = None) -> Path:
+def save_adapter(model, out_dir, *, base_model: str, state_dict: dict | None = None) -> Path:
     """Write the model's LoRA weights as a PEFT adapter directory, atomically.
 
     `state_dict`: the model's full state dict when the live parameters are shards (FSDP, ZeRO-3);
@@ -26,25 +23,18 @@ def save_adapter(model, out_dir: str | os.PathLike, *, base_model: str, state_di
     """
     from model import lora
 
+    from model.checkpoint import atomic_directory
+
+    if state_dict is not None:
+        adapter = {lora.PEFT_PREFIX + k: v for k, v in state_dict.items() if lora.is_lora_name(k)}
+    else:
+        adapter = lora.lora_state_dict(model)
+    tensors = {k: v.detach().to("cpu").contiguous() for k, v in adapter.items()}
+    body = dict(lora.peft_config(model))
+    base = Path(base_model)
+    body["base_model_name_or_path"] = str(base.resolve()) if base.exists() else base_model
     out = Path(out_dir)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp-{uuid.uuid4().hex[:8]}")
-    tmp.mkdir()
-    try:
-        if state_dict is not None:
-            adapter = {lora.PEFT_PREFIX + k: v for k, v in state_dict.items() if lora.is_lora_name(k)}
-        else:
-            adapter = lora.lora_state_dict(model)
-        tensors = {k: v.detach().to("cpu").contiguous() for k, v in adapter.items()}
+    with atomic_directory(out) as tmp:
         save_file(tensors, str(tmp / ADAPTER_WEIGHTS), metadata={"format": "pt"})
-        body = dict(lora.peft_config(model))
-        base = Path(base_model)
-        body["base_model_name_or_path"] = str(base.resolve()) if base.exists() else base_model
         (tmp / ADAPTER_CONFIG).write_text(json.dumps(body, indent=2) + "\n")
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out

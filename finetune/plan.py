@@ -121,7 +121,7 @@ def plan(model: str, *, method: str = "lora", seq_len: int = 2048, batch_size: i
     n = _counts(c, lora_r)
     tokens = seq_len * batch_size
     shard = gpus if device == "cuda" else 1  # FSDP shards parameters, grads and optimizer state
-    e, h, i = c.num_local_experts, c.hidden_size, c.intermediate_size
+    h, i = c.hidden_size, c.intermediate_size
 
     p.breakdown["weights: attention, router, norms, embeddings (model dtype)"] = n["dense"] * s // shard
     if method == "lora":

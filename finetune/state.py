@@ -9,31 +9,20 @@ leaves the previous checkpoint as the one resumed from.
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
-import uuid
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
+
+from model.checkpoint import atomic_directory
 
 STEP_RE = re.compile(r"^step-(\d+)$")
 
 
 class StateError(RuntimeError):
     """A checkpoint that cannot be written or read; the message names the path."""
-
-
-def _fsync_tree(path: Path) -> None:
-    for f in path.iterdir():
-        with open(f, "rb") as fh:
-            os.fsync(fh.fileno())
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _full(t: torch.Tensor) -> torch.Tensor:
@@ -76,28 +65,22 @@ def save_checkpoint(ckpt_dir: Path, step: int, *, trainable: dict[str, torch.Ten
     opt_tensors, opt_scalars = _optimizer_tensors(optimizer, param_names)
     if not is_main:
         return None
-    ckpt_dir.mkdir(parents=True, exist_ok=True)
     final = ckpt_dir / f"step-{step}"
-    tmp = ckpt_dir / f".step-{step}.tmp-{uuid.uuid4().hex[:8]}"
+    state = {"step": step, "optimizer_scalars": opt_scalars,
+             "param_groups": [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups],
+             **extra}
+    rng = {"torch_cpu": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        for i, s in enumerate(torch.cuda.get_rng_state_all()):
+            rng[f"torch_cuda_{i}"] = s
     try:
-        tmp.mkdir()
-        save_file(weights, str(tmp / "trainable.safetensors"))
-        save_file(opt_tensors, str(tmp / "optimizer.safetensors"))
-        rng = {"torch_cpu": torch.get_rng_state()}
-        if torch.cuda.is_available():
-            for i, s in enumerate(torch.cuda.get_rng_state_all()):
-                rng[f"torch_cuda_{i}"] = s
-        save_file(rng, str(tmp / "rng.safetensors"))
-        state = {"step": step, "optimizer_scalars": opt_scalars,
-                 "param_groups": [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups],
-                 **extra}
-        (tmp / "state.json").write_text(json.dumps(state, indent=2) + "\n")
-        _fsync_tree(tmp)
-        if final.exists():  # a re-run of the same step after a resume: replace it whole
-            shutil.rmtree(final)
-        os.replace(tmp, final)
+        # A re-run of the same step after a resume replaces that checkpoint whole.
+        with atomic_directory(final) as tmp:
+            save_file(weights, str(tmp / "trainable.safetensors"))
+            save_file(opt_tensors, str(tmp / "optimizer.safetensors"))
+            save_file(rng, str(tmp / "rng.safetensors"))
+            (tmp / "state.json").write_text(json.dumps(state, indent=2) + "\n")
     except OSError as e:
-        shutil.rmtree(tmp, ignore_errors=True)
         raise StateError(f"could not write checkpoint {final}: {e.strerror or e}") from None
     for old in list_checkpoints(ckpt_dir)[:-keep]:
         shutil.rmtree(old, ignore_errors=True)

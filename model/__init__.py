@@ -9,6 +9,6 @@ from .modeling import CausalLMOutput, GptOssForCausalLM, KVCache, from_pretraine
 
 __all__ = [
     "CausalLMOutput", "Checkpoint", "CheckpointError", "CheckpointWriter", "ConfigError", "GptOssConfig",
-    "GptOssForCausalLM", "PRESETS", "add_lora", "from_pretrained", "load_lora_state_dict", "lora_state_dict",
+    "GptOssForCausalLM", "KVCache", "PRESETS", "add_lora", "from_pretrained", "load_lora_state_dict", "lora_state_dict",
     "merge_lora", "mxfp4", "peft_config", "preset", "save", "set_qat", "write_random",
 ]

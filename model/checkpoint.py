@@ -14,6 +14,7 @@ import re
 import shutil
 import uuid
 from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -300,6 +301,24 @@ def _is_original_config(path: Path) -> bool:
 
 # -- writing -----------------------------------------------------------------------------------------
 
+@contextmanager
+def atomic_directory(final: str | os.PathLike) -> Iterator[Path]:
+    """Write a directory all at once: yields a temporary directory beside `final`; when the block
+    ends, its files are fsynced and it replaces `final` by rename (an existing `final` is swapped
+    out, never half-written); when the block raises, the temporary directory is removed."""
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = final.with_name(f".{final.name}.tmp-{uuid.uuid4().hex[:8]}")
+    tmp.mkdir()
+    try:
+        yield tmp
+        _fsync_dir(tmp)
+        _atomic_replace_dir(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
 def _atomic_replace_dir(tmp: Path, final: Path) -> None:
     """Move a finished temp directory to `final`; an existing `final` is replaced, never half-written."""
     if final.exists():
@@ -312,9 +331,16 @@ def _atomic_replace_dir(tmp: Path, final: Path) -> None:
 
 
 def _fsync_dir(path: Path) -> None:
+    """Files (and the directory entry list) on disk before the rename makes them visible."""
     for f in path.iterdir():
-        with open(f, "rb") as fh:
-            os.fsync(fh.fileno())
+        if f.is_file():
+            with open(f, "rb") as fh:
+                os.fsync(fh.fileno())
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 class CheckpointWriter:
