@@ -8,6 +8,7 @@ values are parsed as YAML. Each field is documented once, here.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import difflib
 import types
@@ -332,16 +333,12 @@ def check_paths(cfg: Config) -> None:
 
 
 def from_dict(d: dict[str, Any], overrides: list[str] = ()) -> Config:
-    d = _deep_copy(d)
+    d = copy.deepcopy(d)
     for o in overrides:
         apply_override(d, o)
     cfg = _build(Config, d)
     check(cfg)
     return cfg
-
-
-def _deep_copy(x: Any) -> Any:
-    return yaml.safe_load(yaml.safe_dump(x))
 
 
 def load(path: str | Path, overrides: list[str] = ()) -> Config:

@@ -9,6 +9,7 @@ counting those tokens first.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -89,11 +90,12 @@ def load_data(cfg: cfglib.Config) -> Data:
         evals, ereport = datalib.load_examples(d.eval, split="train", **common)
         lines.append(f"eval {d.eval}: {ereport}")
     elif d.eval_fraction > 0:
-        order = torch.randperm(len(train), generator=torch.Generator().manual_seed(cfg.train.seed)).tolist()
-        n_eval = max(1, int(len(train) * d.eval_fraction))
-        evals = [train[i] for i in order[:n_eval]]
-        train = [train[i] for i in sorted(order[n_eval:])]
-        lines.append(f"eval: {n_eval} examples held out of train (eval_fraction {d.eval_fraction})")
+        # Whole rows are held out: a row's examples (one per turn) share prefixes, so splitting
+        # examples would leak eval text into training.
+        n_rows = max(1, round(len({e.row for e in train}) * d.eval_fraction))
+        train, evals = datalib.train_eval_split(train, n_rows, seed=cfg.train.seed)
+        lines.append(f"eval: {n_rows} rows ({len(evals)} examples) held out of train "
+                     f"(eval_fraction {d.eval_fraction})")
     else:
         evals = []
     if not train:
@@ -296,7 +298,7 @@ def _step(model, micro: list[dict], accelerator, t: cfglib.TrainSection) -> tupl
     loss_sum = torch.zeros((), device=device)
     for i, b in enumerate(micro):
         last = i == len(micro) - 1
-        ctx = accelerator.no_sync(model) if not last else _nullcontext()
+        ctx = accelerator.no_sync(model) if not last else contextlib.nullcontext()
         with ctx, accelerator.autocast():
             out = model(b["input_ids"].to(device), labels=b["labels"].to(device),
                         position_ids=b["position_ids"].to(device), return_aux_loss=t.aux_loss_coef > 0)
@@ -309,14 +311,6 @@ def _step(model, micro: list[dict], accelerator, t: cfglib.TrainSection) -> tupl
     grad_norm = accelerator.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], max_norm)
     total_loss = accelerator.reduce(loss_sum, reduction="sum") / n_targets
     return float(total_loss), n_input, float(grad_norm)
-
-
-class _nullcontext:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
 
 
 @torch.no_grad()
