@@ -9,8 +9,9 @@ the chosen k; clamped interleaved SwiGLU experts (`experts.py`); RMSNorm.
 Training-time memory (DESIGN §6): with labels, logits are computed only at labeled positions, in
 chunks whose gradients are taken on the spot (no logits kept for backward);
 `gradient_checkpointing_enable()` recomputes each decoder layer; `attn_implementation="sdpa"` runs a
-fused kernel that never materialises `T x T` scores and adds the sink through the log-sum-exp (CPU
-today; other devices use the eager path).
+fused kernel that never materialises `T x T` scores and adds the sink through the log-sum-exp:
+PyTorch's flash kernel on CPU, compiled flex attention (block-sparse: sliding windows and packed
+examples skip whole tiles) on CUDA.
 
 Packed batches: `position_ids` restart at 0 where an example begins; attention never crosses such
 a boundary, and a position never learns to predict the first token of the next example.
@@ -19,7 +20,6 @@ a boundary, and a position never learns to predict the first token of the next e
 from __future__ import annotations
 
 import math
-import warnings
 from dataclasses import dataclass
 
 import torch
@@ -33,7 +33,9 @@ from .config import FULL, SLIDING, GptOssConfig
 from .experts import EXPERT_PROJS, Experts
 
 IGNORE_INDEX = -100  # HF's label convention
-ATTN_IMPLEMENTATIONS = ("eager", "sdpa")
+ATTN_IMPLEMENTATIONS = ("eager", "sdpa", "flex")
+"""eager: the reference math; sdpa: fused on every device (CPU flash kernel on CPU, flex elsewhere);
+flex: flex attention on any device (on CPU uncompiled, for tests: it materialises the scores)."""
 
 
 @dataclass
@@ -215,6 +217,51 @@ class _SinkFlashAttentionCPU(torch.autograd.Function):
         return dq, dk, dv, dsinks.to(sinks.dtype), None, None
 
 
+def flex_block_masks(position_ids: torch.Tensor, config: GptOssConfig) -> dict:
+    """`attention_masks` as flex attention `BlockMask`s: same rules, but tiles that no query may
+    see (outside the window, across packed examples) are skipped, never computed."""
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    if (position_ids == position_ids[:1]).all():
+        position_ids = position_ids[:1]  # one mask serves every row
+    b, t = position_ids.shape
+    segment = (position_ids == 0).cumsum(-1)  # [B, T]
+    window = config.sliding_window
+
+    def full(bi, h, qi, ki):
+        return (qi >= ki) & (segment[bi, qi] == segment[bi, ki])
+
+    def sliding(bi, h, qi, ki):
+        return full(bi, h, qi, ki) & (qi - ki < window)
+
+    return {kind: create_block_mask(fn, b if b > 1 else None, None, t, t, device=position_ids.device)
+            for kind, fn in ((FULL, full), (SLIDING, sliding))}
+
+
+_COMPILED_FLEX = None
+
+
+def _flex(device: torch.device):
+    """flex_attention, compiled on accelerators (its fused kernels exist only compiled); uncompiled on
+    CPU, where it is the math reference (tests) and the flash kernel does the real work."""
+    global _COMPILED_FLEX
+    from torch.nn.attention.flex_attention import flex_attention
+
+    if device.type == "cpu":
+        return flex_attention
+    if _COMPILED_FLEX is None:
+        _COMPILED_FLEX = torch.compile(flex_attention, dynamic=False)
+    return _COMPILED_FLEX
+
+
+def flex_sink_attention(q, k, v, sinks, block_mask, scale):
+    """q [B, nH, T, d], k/v [B, nKV, T, d] (GQA without repeating kv): the sink-free flex output
+    times sigmoid(lse - s) (DESIGN §6); autograd differentiates through lse (flex supports it)."""
+    out, lse = _flex(q.device)(q, k, v, block_mask=block_mask, scale=scale, enable_gqa=True, return_lse=True)
+    keep = torch.sigmoid(lse - sinks.float().view(1, -1, 1))  # [B, nH, T]: share not taken by the sink
+    return out * keep.unsqueeze(-1).to(out.dtype)
+
+
 class Attention(nn.Module):
     def __init__(self, config: GptOssConfig, layer_idx: int, *, device=None, dtype=None):
         super().__init__()
@@ -240,8 +287,11 @@ class Attention(nn.Module):
         q, k, v = (z.transpose(1, 2) for z in (q, k, v))  # [B, heads, T, d]
         if cache is not None:
             k, v = cache.update(self.layer_idx, k, v)  # [B, nKV, S, d]: the cached tokens, then these
-        k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
         mask = masks[self.kind]
+        if impl == "flex":
+            out = flex_sink_attention(q, k, v, self.sinks, mask, self.scale)
+            return self.o_proj(out.transpose(1, 2).reshape(b, t, self.num_heads * self.head_dim))
+        k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
         if impl == "sdpa":
             bias = mask.expand(b, 1, t, k.shape[2])
             out = _SinkFlashAttentionCPU.apply(q.contiguous(), k.contiguous(), v.contiguous(), self.sinks, bias, self.scale)
@@ -401,14 +451,13 @@ class GptOssForCausalLM(nn.Module):
     def gradient_checkpointing_disable(self) -> None:
         self.gradient_checkpointing = False
 
-    def _impl_for(self, x: torch.Tensor) -> str:
-        if self._attn_implementation == "sdpa" and x.device.type != "cpu":
-            # The fused path uses PyTorch's CPU flash kernel; other devices get the exact eager math.
-            if not getattr(self, "_warned_sdpa", False):
-                warnings.warn(f"attn_implementation='sdpa' is fused on CPU only; using eager attention on {x.device.type}")
-                self._warned_sdpa = True
-            return "eager"
-        return self._attn_implementation
+    def _impl_for(self, x: torch.Tensor, cache: KVCache | None) -> str:
+        impl = self._attn_implementation
+        if impl == "sdpa" and x.device.type != "cpu":
+            impl = "flex"  # PyTorch's flash kernels take no mask; flex takes windows and packing
+        if impl == "flex" and cache is not None:
+            return "eager"  # decoding: a few new queries against the cache, where eager is cheap
+        return impl
 
     # -- forward ----------------------------------------------------------------------------------
     def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None,
@@ -423,9 +472,11 @@ class GptOssForCausalLM(nn.Module):
         if position_ids is None:
             position_ids = torch.arange(past, past + t, device=input_ids.device).expand(b, t)
         x = self.model.embed_tokens(input_ids)  # [B, T, H]
-        impl = self._impl_for(x)
+        impl = self._impl_for(x, cache)
         cos, sin = self.model.rotary(position_ids, x.dtype)
-        if cache is None:
+        if impl == "flex":
+            masks = flex_block_masks(position_ids, self.config)
+        elif cache is None:
             masks = attention_masks(position_ids, self.config)
         else:
             masks = cached_attention_masks(t, past, self.config, device=x.device)

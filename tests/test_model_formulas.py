@@ -92,6 +92,38 @@ def test_fused_attention_gradients_match_float64_eager():
     assert ref.model.layers[0].self_attn.sinks.grad.abs().min() > 0
 
 
+def test_flex_attention_path_matches_float64_eager(monkeypatch):
+    """The CUDA path (flex attention with block masks, GQA without repeated kv, the sink through
+    sigmoid(lse - s)) run on CPU with flex's math implementation, values and gradients, packed rows
+    and sliding windows included. Flex refuses backward on CPU because it has no fused CPU backward;
+    lifting that check runs its reference math, which is what this test is about. Flex returns lse in
+    fp32 whatever the input dtype, so agreement is at fp32 precision."""
+    import torch.nn.attention.flex_attention as fa
+
+    monkeypatch.setattr(fa, "_validate_device", lambda *args: None)
+    cfg = preset("tiny").replace(vocab_size=64, num_hidden_layers=2, sliding_window=6)
+    torch.manual_seed(0)
+    ref = GptOssForCausalLM(cfg, attn_implementation="eager", dtype=F64)
+    with torch.no_grad():
+        for name, p in ref.named_parameters():
+            p.copy_(torch.randn_like(p) * (1.0 if "norm" in name or "sinks" in name else 0.3))
+    flex = GptOssForCausalLM(cfg, attn_implementation="flex", dtype=F64)
+    flex.load_state_dict(ref.state_dict())
+    ids = torch.randint(0, 64, (2, 24))
+    pos = torch.stack([torch.cat([torch.arange(10), torch.arange(14)]), torch.arange(24)])  # rows differ
+    losses = [m(ids, labels=ids, position_ids=pos).loss for m in (ref, flex)]
+    torch.testing.assert_close(losses[1], losses[0], rtol=1e-6, atol=0)
+    for loss in losses:
+        loss.backward()
+    flex_params = dict(flex.named_parameters())
+    for name, p in ref.named_parameters():
+        assert (flex_params[name].grad - p.grad).norm() < 1e-5 * p.grad.norm(), name
+    assert flex.model.layers[0].self_attn.sinks.grad.abs().min() > 0
+    with torch.no_grad():  # logits without labels, one row
+        got, want = flex(ids[:1]).logits, ref(ids[:1]).logits
+    assert (got - want).norm() < 1e-6 * want.norm()
+
+
 def _tiny_experts(fmt, dtype, seed=0):
     cfg = preset("tiny").replace(num_local_experts=4, num_experts_per_tok=2)
     torch.manual_seed(seed)
