@@ -109,15 +109,22 @@ def _export(args: argparse.Namespace) -> int:
 
 
 def _plan_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", required=True, help="gpt-oss-20b, gpt-oss-120b, or a checkpoint directory")
-    p.add_argument("--method", choices=("lora", "full"), default="lora")
-    p.add_argument("--seq-len", type=int, default=2048)
-    p.add_argument("--batch-size", type=int, default=1)
+    p.add_argument("--model", help="gpt-oss-20b, gpt-oss-120b (or their hub ids), or a checkpoint directory")
+    p.add_argument("--config", help="a training config: plan it as `gptoss-ft train` would run it (flags override)")
+    p.add_argument("--method", choices=("lora", "full"), default=None, help="default lora")
+    p.add_argument("--seq-len", type=int, default=None, help="default 2048")
+    p.add_argument("--batch-size", type=int, default=None, help="default 1")
     p.add_argument("--gpus", type=int, default=1)
     p.add_argument("--device", choices=("cpu", "cuda"), default="cuda",
                    help="cuda: GPU memory per device; cpu: the peak RSS of a CPU run (fp32)")
     p.add_argument("--gradient-checkpointing", action="store_true", help="recompute each layer in backward")
-    p.add_argument("--lora-r", type=int, default=16, help="LoRA rank (attention + experts)")
+    p.add_argument("--lora-r", type=int, default=None, help="LoRA rank (attention + experts), default 16")
+    p.add_argument("--offload-experts", type=int, default=None, metavar="N",
+                   help="layers whose MXFP4 experts stay in CPU memory (model.offload_experts), default 0")
+    p.add_argument("--no-offload-embeddings", action="store_true",
+                   help="keep the input embedding on the GPU (model.offload_embeddings: false)")
+    p.add_argument("--fit", type=float, default=None, metavar="GIB",
+                   help="offload the fewest expert layers that bring the peak to GIB or less")
     p.add_argument("--json", action="store_true", help='print {"peak_gib": ..., "breakdown": {...}} instead of a table')
 
 

@@ -6,6 +6,9 @@ finetune/trainer.py), term by term:
 - weights: attention, router, norms, embeddings and lm_head in the model dtype (bf16 on CUDA, fp32 on
   CPU: the trainer's `dtype: auto`); experts as MXFP4 uint8 blocks (half a byte a value) + one scale
   byte per 32 for LoRA with `experts: mxfp4`, dense in the model dtype for full fine-tuning.
+  LoRA on one GPU keeps the frozen input embedding in CPU memory (`model.offload_embeddings`, on by
+  default) and, with `model.offload_experts: N`, the MXFP4 experts of N layers (`--offload-experts`;
+  `--fit GIB` finds the fewest layers that fit).
 - trainable parameters, their gradients and AdamW's m and v. LoRA adapters train in fp32 (the
   trainer upcasts them), so they are their own master copy; full fine-tuning trains the model-dtype
   weights directly and torch's AdamW keeps m and v in that dtype (no separate fp32 master copy).
@@ -17,7 +20,7 @@ finetune/trainer.py), term by term:
 - framework: Python + torch + accelerate + datasets + the tokenizer (CPU, measured), or the CUDA
   context and cuBLAS workspaces (CUDA).
 
-FSDP over N GPUs (`--gpus`) divides parameters, gradients and optimizer state by N and adds one
+`--config FILE` plans a training config as the trainer will run it. FSDP over N GPUs (`--gpus`) divides parameters, gradients and optimizer state by N and adds one
 layer's unsharded parameters (the all-gather in flight). FSDP shards parameters only: frozen MXFP4
 experts are buffers, so every GPU holds all of them.
 """
@@ -29,6 +32,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from model.config import PRESETS, GptOssConfig
+from model.modeling import GptOssForCausalLM
 
 GIB = 2 ** 30
 
@@ -39,7 +43,7 @@ CPU_FRAMEWORK_BYTES = 419 * 2 ** 20
 # CUDA context (~0.5 GiB on Hopper with lazy module loading) + cuBLAS workspaces + caching-allocator
 # slack; not measured here (no GPU on the dev box): the usual figure, stated as such.
 CUDA_FRAMEWORK_BYTES = 1 * GIB
-LOGITS_CHUNK = 1024  # GptOssForCausalLM.logits_chunk_size
+LOGITS_CHUNK = GptOssForCausalLM.logits_chunk_size
 
 
 @dataclass
@@ -52,6 +56,7 @@ class Plan:
     batch_size: int
     gradient_checkpointing: bool
     lora_r: int
+    offload_experts: int = 0
     breakdown: dict[str, int] = field(default_factory=dict)
     """bytes per device, per term"""
     notes: list[str] = field(default_factory=list)
@@ -64,6 +69,7 @@ class Plan:
         return {"model": self.model, "method": self.method, "device": self.device, "gpus": self.gpus,
                 "seq_len": self.seq_len, "batch_size": self.batch_size,
                 "gradient_checkpointing": self.gradient_checkpointing, "lora_r": self.lora_r,
+                "offload_experts": self.offload_experts,
                 "peak_gib": round(self.peak_bytes / GIB, 3),
                 "breakdown": {k: round(v / GIB, 3) for k, v in self.breakdown.items()}, "notes": self.notes}
 
@@ -72,6 +78,8 @@ def load_config(name_or_path: str) -> GptOssConfig:
     if name_or_path in PRESETS:
         return PRESETS[name_or_path]
     path = Path(name_or_path)
+    if not path.exists() and name_or_path.removeprefix("openai/") in PRESETS:  # the hub ids
+        return PRESETS[name_or_path.removeprefix("openai/")]
     if (path / "config.json").is_file():
         return GptOssConfig.from_json(path / "config.json")
     if (path / "original" / "config.json").is_file():
@@ -95,20 +103,24 @@ def _counts(c: GptOssConfig, r: int) -> dict[str, int]:
             "lora": c.num_hidden_layers * (lora_attn + lora_experts)}
 
 
-def _layer_activations(c: GptOssConfig) -> int:
+def _layer_activations(c: GptOssConfig, device: str) -> int:
     """Elements one decoder layer keeps for backward, per token (fused attention, our MoE):
-    2 RMSNorms (input + normalised, 2H each); q before/after RoPE, k before RoPE, v, and the flash
-    kernel's contiguous q and GQA-repeated k, v plus its output and o_proj's input (7 nH d + 2 nKV d);
-    per routed slot (k of them): the gathered input H, gate_up output 2I, activation I, expert output H."""
+    2 RMSNorms (input + normalised, 2H each); attention, on CPU (flash kernel): q before/after RoPE,
+    k before RoPE, v, the kernel's contiguous q and GQA-repeated k, v, its output and o_proj's input
+    (7 nH d + 2 nKV d); on CUDA (flex, GQA without repeats): q and k before/after RoPE, v, the
+    output before and after the sink scaling and o_proj's input (5 nH d + 3 nKV d); per routed slot
+    (k of them): the gathered input H, gate_up output 2I, activation I, expert output H."""
     q, kv = c.num_attention_heads * c.head_dim, c.num_key_value_heads * c.head_dim
+    attention = 7 * q + 2 * kv if device == "cpu" else 5 * q + 3 * kv
     k = c.num_experts_per_tok
-    return 4 * c.hidden_size + 7 * q + 2 * kv + k * (2 * c.hidden_size + 3 * c.intermediate_size)
+    return 4 * c.hidden_size + attention + k * (2 * c.hidden_size + 3 * c.intermediate_size)
 
 
 def plan(model: str, *, method: str = "lora", seq_len: int = 2048, batch_size: int = 1, gpus: int = 1,
          device: str = "cuda", gradient_checkpointing: bool = False, lora_r: int = 16,
-         labeled_tokens: int | None = None) -> Plan:
-    """Peak memory per device. labeled_tokens: trained tokens per micro-batch (default: all)."""
+         labeled_tokens: int | None = None, offload_embeddings: bool = True, offload_experts: int = 0) -> Plan:
+    """Peak memory per device. labeled_tokens: trained tokens per micro-batch (default: all).
+    offload_embeddings / offload_experts: the trainer's `model.offload_*` (LoRA on one GPU only)."""
     if method not in ("lora", "full"):
         raise ValueError(f"method must be lora or full, got {method!r}")
     if device not in ("cpu", "cuda"):
@@ -116,17 +128,37 @@ def plan(model: str, *, method: str = "lora", seq_len: int = 2048, batch_size: i
     if min(seq_len, batch_size, gpus, lora_r) < 1:
         raise ValueError("seq-len, batch-size, gpus and r must be positive")
     c = load_config(model)
-    p = Plan(model, method, device, gpus, seq_len, batch_size, gradient_checkpointing, lora_r)
+    layers = c.num_hidden_layers
+    if not 0 <= offload_experts <= layers:
+        raise ValueError(f"offload-experts must be between 0 and {layers} (the model's layers), got {offload_experts}")
+    # What the trainer offloads: frozen weights, one GPU (model.offload_* is ignored or refused otherwise).
+    offloading = method == "lora" and device == "cuda" and gpus == 1
+    if offload_experts and not offloading:
+        raise ValueError("offload-experts applies to LoRA on one GPU (--method lora --device cuda --gpus 1)")
+    embed_off = offload_embeddings and offloading and not c.tie_word_embeddings
+    p = Plan(model, method, device, gpus, seq_len, batch_size, gradient_checkpointing, lora_r, offload_experts)
     s = 4 if device == "cpu" else 2  # model dtype: fp32 on CPU, bf16 on CUDA (trainer's dtype: auto)
     n = _counts(c, lora_r)
     tokens = seq_len * batch_size
     shard = gpus if device == "cuda" else 1  # FSDP shards parameters, grads and optimizer state
     h, i = c.hidden_size, c.intermediate_size
+    input_embedding = c.vocab_size * h
 
-    p.breakdown["weights: attention, router, norms, embeddings (model dtype)"] = n["dense"] * s // shard
+    dense = n["dense"] - (input_embedding if embed_off else 0)
+    p.breakdown["weights: attention, router, norms, lm_head" + ("" if embed_off else ", embeddings")
+                + " (model dtype)"] = dense * s // shard
+    if embed_off:
+        p.notes.append(f"input embedding kept in CPU memory ({input_embedding * s / GIB:.2f} GiB; model.offload_embeddings)")
     if method == "lora":
         # MXFP4: 16 bytes of blocks + 1 scale byte per 32 values; buffers, so never sharded
-        p.breakdown["weights: experts MXFP4 blocks + scales (uint8)"] = n["experts"] * 17 // 32
+        on_gpu = layers - offload_experts
+        p.breakdown[f"weights: experts MXFP4 blocks + scales (uint8), {on_gpu} of {layers} layers"] = \
+            n["layer_experts"] * on_gpu * 17 // 32
+        if offload_experts:
+            p.notes.append(f"MXFP4 experts of {offload_experts} layers in pinned CPU memory "
+                           f"({n['layer_experts'] * offload_experts * 17 / 32 / GIB:.2f} GiB), copied over per expert "
+                           f"in forward, recompute and backward: {n['layer_experts'] * offload_experts * 17 / 32 / GIB * (3 if gradient_checkpointing else 2):.1f} GiB "
+                           "of PCIe traffic per micro-batch (model.offload_experts)")
         trainable, pbytes, obytes = n["lora"], 4, 8
         p.breakdown["trainable: LoRA adapters (fp32)"] = trainable * pbytes // shard
         p.notes.append(f"LoRA r={lora_r} on attention (q, k, v, o) and every expert (gate_up, down): "
@@ -141,13 +173,7 @@ def plan(model: str, *, method: str = "lora", seq_len: int = 2048, batch_size: i
         layer = n["layer_dense"] * s + (n["layer_experts"] * s if method == "full" else 0)
         p.breakdown["FSDP: one layer unsharded (all-gather)"] = layer
 
-    per_layer = _layer_activations(c) * tokens * s
-    if device == "cuda":
-        # The fused sink attention is CPU-only today; CUDA runs the eager path, which keeps the fp32
-        # probabilities and their model-dtype copy [B, nH, T, T] for backward.
-        per_layer += batch_size * c.num_attention_heads * seq_len * seq_len * (4 + s)
-        p.notes.append("CUDA attention is the eager path: keeps B x heads x T x T probabilities per layer")
-    layers = c.num_hidden_layers
+    per_layer = _layer_activations(c, device) * tokens * s
     if gradient_checkpointing:
         saved = layers * tokens * h * s + per_layer  # each layer's input, one layer recomputed
     else:
@@ -169,6 +195,30 @@ def plan(model: str, *, method: str = "lora", seq_len: int = 2048, batch_size: i
     return p
 
 
+def fit(budget_gib: float, model: str, **kw) -> Plan | None:
+    """The plan with the fewest offloaded expert layers whose peak is at most `budget_gib`, or None
+    when even offloading every layer's experts does not fit."""
+    for n in range(load_config(model).num_hidden_layers + 1):
+        p = plan(model, offload_experts=n, **kw)
+        if p.peak_bytes <= budget_gib * GIB:
+            return p
+        if n == 0 and not (kw.get("method", "lora") == "lora" and kw.get("device", "cuda") == "cuda"
+                           and kw.get("gpus", 1) == 1):
+            return None  # nothing to offload on this set-up
+    return None
+
+
+def config_kwargs(path: str) -> dict:
+    """plan()'s arguments for a training config (the recipe's model, method, shapes and offloading)."""
+    from . import config as cfglib
+
+    cfg = cfglib.load(path)
+    return dict(model=cfg.model.path, method=cfg.method, seq_len=cfg.data.max_seq_len,
+                batch_size=cfg.train.batch_size, gradient_checkpointing=cfg.model.gradient_checkpointing,
+                lora_r=cfg.lora.r, offload_embeddings=cfg.model.offload_embeddings,
+                offload_experts=cfg.model.offload_experts)
+
+
 def render_table(p: Plan) -> None:
     from rich.console import Console
     from rich.table import Table
@@ -188,8 +238,26 @@ def render_table(p: Plan) -> None:
 
 
 def command(args) -> int:
-    p = plan(args.model, method=args.method, seq_len=args.seq_len, batch_size=args.batch_size, gpus=args.gpus,
-             device=args.device, gradient_checkpointing=args.gradient_checkpointing, lora_r=args.lora_r)
+    kw = config_kwargs(args.config) if args.config else {}
+    if args.model:
+        kw["model"] = args.model
+    if "model" not in kw:
+        raise ValueError("give --model or --config")
+    given = {"method": args.method, "seq_len": args.seq_len, "batch_size": args.batch_size,
+             "gradient_checkpointing": args.gradient_checkpointing or None, "lora_r": args.lora_r,
+             "offload_experts": args.offload_experts,
+             "offload_embeddings": False if args.no_offload_embeddings else None}
+    kw.update({k: v for k, v in given.items() if v is not None})  # flags override the config
+    kw.update(gpus=args.gpus, device=args.device)
+    if args.fit is not None:
+        kw.pop("offload_experts", None)
+        p = fit(args.fit, **kw)
+        if p is None:
+            print(f"does not fit in {args.fit} GiB even with every layer's experts offloaded; the plan without "
+                  "offloading follows")
+            p = plan(**kw)
+    else:
+        p = plan(**kw)
     if args.json:
         print(json.dumps(p.to_dict(), indent=2))
     else:

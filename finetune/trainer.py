@@ -184,6 +184,7 @@ def train(config_path: str, overrides: list[str] = (), *, resume: bool = False) 
     data = load_data(cfg)
     accelerator.print(data.report)
     model = load_model(cfg, accelerator.device)
+    _offload(cfg, model, accelerator)
     params = {n: p for n, p in model.named_parameters() if p.requires_grad}
     accelerator.print(f"{accelerator.num_processes} process(es), {accelerator.distributed_type.value}, "
                       f"device {accelerator.device}, precision {precision}")
@@ -270,6 +271,23 @@ def train(config_path: str, overrides: list[str] = (), *, resume: bool = False) 
         _summarize(cfg, out, results, train_time=train_time, total_time=time.perf_counter() - t_begin)
     accelerator.end_training()
     return out
+
+
+def _offload(cfg: cfglib.Config, model, accelerator) -> None:
+    """Frozen weights that stay in CPU memory when the model moves to the GPU (model.offload_*)."""
+    m = cfg.model
+    if accelerator.device.type == "cpu" or cfg.method != "lora":
+        return  # nothing to save on a CPU run; full fine-tuning trains the embedding
+    if accelerator.num_processes > 1:
+        if m.offload_experts:
+            raise TrainingError("model.offload_experts works with one process (data parallelism replicates the "
+                                "experts on every GPU anyway); shard with FSDP2 instead, or set it to 0")
+        accelerator.print("model.offload_embeddings: ignored with several processes")
+        return
+    layers = model.offload(embeddings=m.offload_embeddings, expert_layers=m.offload_experts)
+    if m.offload_embeddings or layers:
+        accelerator.print(f"kept in CPU memory: {'the input embedding; ' if m.offload_embeddings else ''}"
+                          f"the MXFP4 experts of {len(layers)} layer(s) {layers}")
 
 
 def _deepspeed_setup(model, t: cfglib.TrainSection) -> None:

@@ -36,6 +36,7 @@ from . import mxfp4
 
 SWIGLU_ALPHA = 1.702  # gpt-oss's sigmoid slope (OpenAI reference `swiglu`, HF `GptOssExperts.alpha`)
 EXPERT_PROJS = ("gate_up_proj", "down_proj")
+_MXFP4_BUFFERS = tuple(f"{p}_{part}" for p in EXPERT_PROJS for part in ("blocks", "scales"))
 
 
 def swiglu_reference(h: torch.Tensor, limit: float) -> torch.Tensor:
@@ -80,8 +81,8 @@ class _MxFP4Matmul(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, blocks: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
-        ctx.save_for_backward(blocks, scales)
-        w = mxfp4.dequantize(blocks, scales, x.dtype)  # [out, in]
+        ctx.save_for_backward(blocks, scales)  # offloaded experts: the CPU tensors, copied again in backward
+        w = _decode_on(blocks, scales, x)  # [out, in]
         return x @ w.t()
 
     @staticmethod
@@ -89,8 +90,16 @@ class _MxFP4Matmul(torch.autograd.Function):
         if not ctx.needs_input_grad[0]:
             return None, None, None
         blocks, scales = ctx.saved_tensors
-        w = mxfp4.dequantize(blocks, scales, grad.dtype)  # [out, in]
+        w = _decode_on(blocks, scales, grad)  # [out, in]
         return grad @ w, None, None
+
+
+def _decode_on(blocks: torch.Tensor, scales: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """One expert's MXFP4 bytes decoded on `like`'s device in its dtype; bytes kept in (pinned) CPU
+    memory by `Experts.offload` are copied over first (a no-op when they already live there)."""
+    blocks = blocks.to(like.device, non_blocking=True)
+    scales = scales.to(like.device, non_blocking=True)
+    return mxfp4.dequantize(blocks, scales, like.dtype)
 
 
 def lora_per_expert(a: torch.Tensor, b: torch.Tensor, num_experts: int):
@@ -144,6 +153,30 @@ class Experts(nn.Module):
         self.down_proj_bias = nn.Parameter(torch.zeros(e, h, device=device, dtype=dtype))
         self.lora_scaling = 0.0  # alpha / r once `add_lora` ran
         self.qat = False  # quantization-aware training: see `_qat_matmul`
+        self.offloaded = False  # see `offload`
+
+    # -- placement -------------------------------------------------------------------------------
+    def offload(self) -> None:
+        """Keep the frozen MXFP4 bytes in CPU memory (pinned when CUDA is present) when the module
+        moves to an accelerator. Each expert a batch hits is copied over right before its decode, in
+        forward and again in backward (autograd keeps the CPU tensors), so the accelerator never
+        holds this layer's experts beyond one expert's matmul: memory for PCIe traffic."""
+        if self.fmt != "mxfp4":
+            raise ValueError("only frozen MXFP4 experts can be offloaded (model.experts: mxfp4)")
+        for name in _MXFP4_BUFFERS:
+            t = self._buffers[name].to("cpu")
+            self._buffers[name] = t.pin_memory() if torch.cuda.is_available() else t
+        self.offloaded = True
+
+    def _apply(self, fn, recurse=True):
+        # `.to()`, `.cuda()`, accelerate's placement: everything moves except offloaded bytes.
+        if not self.offloaded:
+            return super()._apply(fn, recurse)
+        kept = {name: self._buffers.pop(name) for name in _MXFP4_BUFFERS}
+        try:
+            return super()._apply(fn, recurse)
+        finally:
+            self._buffers.update(kept)
 
     # -- LoRA ------------------------------------------------------------------------------------
     @property
@@ -194,6 +227,7 @@ class Experts(nn.Module):
                 delattr(self, p)
             setattr(self, p, nn.Parameter(merged[p].contiguous(), requires_grad=False))
         self.fmt = "dequantized"
+        self.offloaded = False
         del self.base_layer, self.lora_A, self.lora_B
         self.lora_scaling = 0.0
 
@@ -255,7 +289,7 @@ class Experts(nn.Module):
             w = weights[e]  # [in, out]
         else:
             blocks, scales = weights
-            w = mxfp4.dequantize(blocks[e], scales[e], x.dtype).t()  # [in, out]
+            w = _decode_on(blocks[e], scales[e], x).t()  # [in, out]
         if lora is not None:
             w = w + self.lora_scaling * (lora[0][e].t() @ lora[1][e].t())
         return x @ mxfp4.fake_quant(w, dim=-2)  # MXFP4 blocks run along the input dim

@@ -333,11 +333,38 @@ class DecoderLayer(nn.Module):
         return x + y, router_logits
 
 
+class Embedding(nn.Embedding):
+    """nn.Embedding whose frozen table can stay in CPU memory (`offload`) when the model moves to an
+    accelerator: a batch's rows are gathered there and only they are copied over (T x H values)."""
+
+    offloaded = False
+
+    def offload(self) -> None:
+        if self.weight.requires_grad:
+            raise ValueError("a trained embedding cannot be offloaded (freeze it first: LoRA runs do)")
+        self.weight.data = self.weight.data.to("cpu")
+        self.offloaded = True
+
+    def _apply(self, fn, recurse=True):
+        if not self.offloaded:
+            return super()._apply(fn, recurse)
+        weight = self._parameters.pop("weight")
+        try:
+            return super()._apply(fn, recurse)
+        finally:
+            self._parameters["weight"] = weight
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        if not self.offloaded:
+            return super().forward(input_ids)
+        return F.embedding(input_ids.to(self.weight.device), self.weight).to(input_ids.device)
+
+
 class GptOssModel(nn.Module):
     def __init__(self, config: GptOssConfig, *, experts: str, device=None, dtype=None):
         super().__init__()
         kw = dict(device=device, dtype=dtype)
-        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, **kw)
+        self.embed_tokens = Embedding(config.vocab_size, config.hidden_size, **kw)
         self.layers = nn.ModuleList(
             DecoderLayer(config, i, experts=experts, **kw) for i in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, **kw)
@@ -418,8 +445,9 @@ class _LinearCrossEntropy(torch.autograd.Function):
 class GptOssForCausalLM(nn.Module):
     """gpt-oss with HF parameter names; `experts` "mxfp4" (frozen MXFP4 buffers) or "dequantized" (dense)."""
 
-    logits_chunk_size = 1024
-    """Labeled rows per chunk of the loss: at V = 201088 one chunk of fp32 logits is 0.8 GB."""
+    logits_chunk_size = 256
+    """Labeled rows per chunk of the loss: at V = 201088 one chunk is 0.2 GB of fp32 logits, plus
+    0.1 GB for each bf16 copy on GPU; 256 rows still keep the V-wide matmuls efficient."""
 
     def __init__(self, config: GptOssConfig, *, experts: str = "dequantized", attn_implementation: str = "sdpa",
                  device=None, dtype=None):
@@ -458,6 +486,24 @@ class GptOssForCausalLM(nn.Module):
         if impl == "flex" and cache is not None:
             return "eager"  # decoding: a few new queries against the cache, where eager is cheap
         return impl
+
+    def offload(self, *, embeddings: bool = False, expert_layers: int = 0) -> list[int]:
+        """Keep frozen weights in CPU memory when the model moves to an accelerator (call before
+        `.to()` / accelerate's prepare): the input embedding table (a row gather per batch), and the
+        MXFP4 experts of `expert_layers` decoder layers, spread evenly over the depth, copied over
+        expert by expert when used. Returns the offloaded layers' indices. `gptoss-ft plan` counts
+        what each saves; DESIGN §6."""
+        n = self.config.num_hidden_layers
+        if not 0 <= expert_layers <= n:
+            raise ValueError(f"expert_layers must be between 0 and {n}, got {expert_layers}")
+        if embeddings:
+            if self.config.tie_word_embeddings:
+                raise ValueError("tied embeddings are the lm_head too; they cannot be offloaded")
+            self.model.embed_tokens.offload()
+        layers = sorted({i * n // expert_layers for i in range(expert_layers)}) if expert_layers else []
+        for i in layers:
+            self.model.layers[i].mlp.experts.offload()
+        return layers
 
     # -- forward ----------------------------------------------------------------------------------
     def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None,
