@@ -258,9 +258,12 @@ class Checkpoint:
         stored, rows = self._lookup(name)
         handle = self._open(self._where[stored])
         t = handle.get_slice(stored)[rows] if rows is not None else handle.get_tensor(stored)
-        if dtype is not None and t.is_floating_point():
-            t = t.to(dtype)
-        return t
+        if dtype is not None and t.is_floating_point() and t.dtype != dtype:
+            return t.to(dtype)
+        # safetensors' tensors are views of one mapping of the whole file: a tensor kept as stored
+        # (MXFP4 bytes, weights already in `dtype`) would keep every page of the file it touched
+        # resident for the model's lifetime. A copy owns its memory and lets the mapping go.
+        return t.clone()
 
     def get_expert_weight(self, layer: int, proj: str, dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
         """`mlp.experts.{proj}` in HF's dense layout (`gate_up_proj [E, H, 2I]`, `down_proj [E, I, H]`),
