@@ -12,6 +12,8 @@ finetune/trainer.py), term by term:
 - trainable parameters, their gradients and AdamW's m and v. LoRA adapters train in fp32 (the
   trainer upcasts them), so they are their own master copy; full fine-tuning trains the model-dtype
   weights directly and torch's AdamW keeps m and v in that dtype (no separate fp32 master copy).
+  AdamW runs fused on CUDA and per tensor on CPU, so its step adds no state-sized temporary and the
+  peak is the backward pass's.
 - activations saved for backward, per decoder layer and token (elements, see `_layer_activations`),
   or with gradient checkpointing only each layer's input plus one layer being recomputed.
 - the loss: logits only at labeled rows, one chunk of `logits_chunk_size` rows at a time, as an fp32
