@@ -156,13 +156,10 @@ def export(run_dir, fmt: str, out, *, base: str | None = None, layout: str = "hf
     if fmt == "merged" and layout == "original":
         raise ExportError("OpenAI's original layout stores experts in MXFP4 only; use --format mxfp4 for it")
     report = ExportReport(out, fmt)
-    calib = None
-    if fmt == "mxfp4" and requant == "gptq":
-        calib = _Calibration(run, _calibration_ids(run, calib_tokens, calib_data))
-        report.calibration_tokens = calib.n_tokens
     cfg = run.config.replace(quantization_config=dict(MXFP4_QUANTIZATION_CONFIG) if fmt == "mxfp4" else None)
     with CheckpointWriter(out, cfg, layout=layout, max_shard_bytes=max_shard_bytes) as writer:
-        for name, tensor in _tensors(run, fmt, calib, report):
+        for name, tensor in merged_tensors(run, fmt, report, requant=requant, calib_tokens=calib_tokens,
+                                           calib_data=calib_data):
             writer.add(name, tensor)
         if layout == "hf":
             for fname in _SIDE_FILES:
@@ -235,9 +232,15 @@ def adapter_readme(acfg: dict, out: Path) -> str:
 
 # -- merged tensors, layer by layer ----------------------------------------------------------------
 
-def _tensors(run: Run, fmt: str, calib: "_Calibration | None", report: ExportReport
-             ) -> Iterator[tuple[str, torch.Tensor]]:
-    """Every tensor of the export in checkpoint order, computed one layer at a time."""
+def merged_tensors(run: Run, fmt: str, report: ExportReport, *, requant: str = "gptq", calib_tokens: int = 2048,
+                   calib_data: str | None = None) -> Iterator[tuple[str, torch.Tensor]]:
+    """Every tensor of the merged model (`fmt` "merged": dense bf16 experts; "mxfp4": experts in
+    MXFP4, changed ones requantized by `requant`) in checkpoint order, computed one layer at a time.
+    `export` and the GGUF writer consume it; `report` gets the counts."""
+    calib = None
+    if fmt == "mxfp4" and requant == "gptq" and (run.lora or run.tuned is not None):
+        calib = _Calibration(run, _calibration_ids(run, calib_tokens, calib_data))
+        report.calibration_tokens = calib.n_tokens
     cfg = run.config
     names = list(expected_shapes(cfg, experts="dense"))
     for layer in range(cfg.num_hidden_layers):

@@ -37,7 +37,7 @@ import torch
 from model.checkpoint import Checkpoint
 from model.config import GptOssConfig
 
-from .export import ExportError, ExportReport, Run, _Calibration, _calibration_ids, _tensors, open_run
+from .export import ExportError, ExportReport, Run, merged_tensors, open_run
 
 ARCH = "gpt-oss"
 MXFP4_BLOCK_BYTES = 17  # one E8M0 scale + 16 bytes of nibbles per 32 weights
@@ -324,7 +324,7 @@ class GgufReport(ExportReport):
     tensors: int = 0
 
 
-def export_gguf(source, out, *, base: str | None = None, requant: str = "gptq", calib_tokens: int = 512,
+def export_gguf(source, out, *, base: str | None = None, requant: str = "gptq", calib_tokens: int = 2048,
                 calib_data: str | None = None, name: str | None = None, modelfile_out: bool = True) -> GgufReport:
     """Write the merged model of `source` (a run directory, or a checkpoint directory) to the GGUF
     file `out`, and an Ollama `Modelfile` beside it. Experts training changed are requantized as
@@ -344,12 +344,9 @@ def export_gguf(source, out, *, base: str | None = None, requant: str = "gptq", 
     else:
         raise ExportError(f"{source}: neither a run directory (config.yaml) nor a checkpoint (config.json)")
     report = GgufReport(out, "gguf")
-    calib = None
-    if requant == "gptq" and (run.lora or run.tuned is not None):
-        calib = _Calibration(run, _calibration_ids(run, calib_tokens, calib_data))
-        report.calibration_tokens = calib.n_tokens
     template = _base_chat_template(run.base.path) or HARMONY_JINJA
-    report.tensors = write_gguf(out, run.config, _tensors(run, "mxfp4", calib, report),
+    tensors = merged_tensors(run, "mxfp4", report, requant=requant, calib_tokens=calib_tokens, calib_data=calib_data)
+    report.tensors = write_gguf(out, run.config, tensors,
                                 name=name or source.resolve().name, chat_template=template)
     if modelfile_out:
         report.modelfile = out.with_name("Modelfile")

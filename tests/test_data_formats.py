@@ -7,36 +7,26 @@ import json
 import pytest
 
 pytest.importorskip("openai_harmony")
+from harmony_oracle import ENC, assistant  # noqa: E402
 from openai_harmony import (  # noqa: E402
     Author,
     Conversation,
     DeveloperContent,
-    HarmonyEncodingName,
     Message,
     ReasoningEffort,
     RenderConversationConfig,
     Role,
     SystemContent,
     ToolDescription,
-    load_harmony_encoding,
 )
 
 from data import DataError, load_examples  # noqa: E402
-
-ENC = load_harmony_encoding(HarmonyEncodingName.HARMONY_GPT_OSS)
 WEATHER = {"type": "object", "properties": {"city": {"type": "string", "description": "City name"},
                                             "unit": {"type": "string", "enum": ["c", "f"]}}, "required": ["city"]}
 
 
 def user(text):
     return Message.from_role_and_content(Role.USER, text)
-
-
-def assistant(text, channel, **kw):
-    m = Message.from_role_and_content(Role.ASSISTANT, text).with_channel(channel)
-    for k, v in kw.items():
-        m = getattr(m, f"with_{k}")(v)
-    return m
 
 
 def call(name, args):

@@ -15,11 +15,12 @@ from collections import Counter
 import pytest
 
 oh = pytest.importorskip("openai_harmony")
+from harmony_oracle import ENC  # noqa: E402
+from harmony_oracle import assistant as _assistant  # noqa: E402
 from openai_harmony import (  # noqa: E402
     Author,
     Conversation,
     DeveloperContent,
-    HarmonyEncodingName,
     Message,
     ReasoningEffort,
     RenderConversationConfig,
@@ -27,12 +28,9 @@ from openai_harmony import (  # noqa: E402
     Role,
     SystemContent,
     ToolDescription,
-    load_harmony_encoding,
 )
 
 from data import DataError, load_examples  # noqa: E402
-
-ENC = load_harmony_encoding(HarmonyEncodingName.HARMONY_GPT_OSS)
 KEEP_ANALYSIS = RenderConversationConfig(auto_drop_analysis=False)
 
 TEXTS = [
@@ -135,13 +133,6 @@ def _developer(rng):
                                              params))
         d = d.with_function_tools(tools)
     return Message.from_role_and_content(Role.DEVELOPER, d)
-
-
-def _assistant(text, channel, **kw):
-    m = Message.from_role_and_content(Role.ASSISTANT, text).with_channel(channel)
-    for k, v in kw.items():
-        m = getattr(m, f"with_{k}")(v)
-    return m
 
 
 def _conversation(rng):
