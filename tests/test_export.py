@@ -215,6 +215,19 @@ def test_gptq_rounding_beats_nearest_on_the_layer_output():
     assert torch.equal(mxfp4.quantize_with_scales(q, scales), blocks)
 
 
+def test_gptq_inverse_factor_is_the_upper_cholesky_of_the_inverse():
+    from finetune.export import _upper_cholesky_of_inverse
+
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(200, 48, generator=gen, dtype=torch.float64)
+    h = x.t() @ x + 0.1 * torch.eye(48, dtype=torch.float64)
+    u = _upper_cholesky_of_inverse(h)
+    assert torch.equal(u, u.triu()) and (torch.diagonal(u) > 0).all()
+    torch.testing.assert_close(u.t() @ u, torch.linalg.inv(h))
+    # the factor the GPTQ paper computes, Cholesky of the explicit inverse
+    torch.testing.assert_close(u, torch.linalg.cholesky(torch.linalg.inv(h), upper=True))
+
+
 # -- adapter and CLI ---------------------------------------------------------------------------------
 
 def test_adapter_export_is_the_peft_directory_with_a_readme(tmp_path, tiny_hf):
