@@ -206,8 +206,7 @@ class Experts(nn.Module):
         """`proj` as a dense HF-layout tensor `[E, in, out]` without LoRA (a full decode for MXFP4)."""
         if self.fmt == "dequantized":
             return getattr(self, proj)
-        w = mxfp4.dequantize(getattr(self, proj + "_blocks"), getattr(self, proj + "_scales"),
-                             self.gate_up_proj_bias.dtype)
+        w = _decode_on(getattr(self, proj + "_blocks"), getattr(self, proj + "_scales"), self.gate_up_proj_bias)
         return w.transpose(1, 2)
 
     @torch.no_grad()
