@@ -102,6 +102,16 @@ def _decode_on(blocks: torch.Tensor, scales: torch.Tensor, like: torch.Tensor) -
     return mxfp4.dequantize(blocks, scales, like.dtype)
 
 
+def apply_keeping(module: nn.Module, store: dict, names, fn, recurse: bool):
+    """`nn.Module._apply` (what `.to()`, `.cuda()` and accelerate's placement run) with the tensors
+    `names` of `store` (the module's `_parameters` or `_buffers`) left where they are: offloading."""
+    kept = {name: store.pop(name) for name in names}
+    try:
+        return nn.Module._apply(module, fn, recurse)
+    finally:
+        store.update(kept)
+
+
 def lora_per_expert(a: torch.Tensor, b: torch.Tensor, num_experts: int):
     """PEFT-layout factors `a [r*E, in]`, `b [out, r*E]` -> (A_e [r, in] per e, B_e [out, r] per e).
 
@@ -169,14 +179,8 @@ class Experts(nn.Module):
         self.offloaded = True
 
     def _apply(self, fn, recurse=True):
-        # `.to()`, `.cuda()`, accelerate's placement: everything moves except offloaded bytes.
-        if not self.offloaded:
-            return super()._apply(fn, recurse)
-        kept = {name: self._buffers.pop(name) for name in _MXFP4_BUFFERS}
-        try:
-            return super()._apply(fn, recurse)
-        finally:
-            self._buffers.update(kept)
+        names = _MXFP4_BUFFERS if self.offloaded else ()
+        return apply_keeping(self, self._buffers, names, fn, recurse)
 
     # -- LoRA ------------------------------------------------------------------------------------
     @property

@@ -30,7 +30,7 @@ from torch.utils.checkpoint import checkpoint
 from . import mxfp4
 from .checkpoint import Checkpoint
 from .config import FULL, SLIDING, GptOssConfig
-from .experts import EXPERT_PROJS, Experts
+from .experts import EXPERT_PROJS, Experts, apply_keeping
 
 IGNORE_INDEX = -100  # HF's label convention
 ATTN_IMPLEMENTATIONS = ("eager", "sdpa", "flex")
@@ -346,13 +346,7 @@ class Embedding(nn.Embedding):
         self.offloaded = True
 
     def _apply(self, fn, recurse=True):
-        if not self.offloaded:
-            return super()._apply(fn, recurse)
-        weight = self._parameters.pop("weight")
-        try:
-            return super()._apply(fn, recurse)
-        finally:
-            self._parameters["weight"] = weight
+        return apply_keeping(self, self._parameters, ("weight",) if self.offloaded else (), fn, recurse)
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         if not self.offloaded:
