@@ -29,12 +29,17 @@ def _train_step(quick: bool) -> list[dict]:
     r = bench_train_step.main(["--quick"] if quick else [])
     ours, peer = r["results"]["ours"], r["results"]["peer"]
     s = r["shape"]
-    what = (f"LoRA step (attn+experts, r=16), {s['num_hidden_layers']} layers H=512 E=32 top-4 V=201088, "
-            f"batch 2x512, ~25% tokens trained, fp32 CPU")
+    full_layers = bench_train_step.SHAPE["num_hidden_layers"]
+    layers = f"{s['num_hidden_layers']} layers" + (f" (--quick; the full run has {full_layers})"
+                                                  if s["num_hidden_layers"] != full_layers else "")
+    what = (f"LoRA step (attn+experts, r={s['lora_r']}), {layers} H={s['hidden_size']} E={s['num_local_experts']} "
+            f"top-{s['num_experts_per_tok']} V={s['vocab_size']}, batch {s['batch_size']}x{s['seq_len']}, "
+            f"~25% tokens trained, fp32 CPU")
+    same = r["first_loss_rel_diff"] < 1e-4  # same weights and tokens: the first losses must agree
     return [
         {"what": what + ": tokens/s", "ours": ours["tokens_per_s"], "peer": peer["tokens_per_s"],
          "peer_name": "transformers GptOss + PEFT target_parameters", "ratio": r["speed_ratio"],
-         "goal": ">= 1.5x", "met": r["speed_ratio"] >= 1.5, "unit": "tokens/s", "detail": r},
+         "goal": ">= 1.5x", "met": r["speed_ratio"] >= 1.5 and same, "unit": "tokens/s", "detail": r},
         {"what": what + ": peak RSS", "ours": ours["peak_rss_bytes"] / GIB, "peer": peer["peak_rss_bytes"] / GIB,
          "peer_name": "transformers GptOss + PEFT target_parameters", "ratio": r["memory_ratio"],
          "goal": "<= 0.5x", "met": r["memory_ratio"] <= 0.5, "unit": "GiB"},
@@ -48,12 +53,16 @@ def _moe(quick: bool) -> list[dict]:
         bench_moe.main((["--quick"] if quick else []) + ["--json", f.name])
         r = json.loads(Path(f.name).read_text())
     ours, peer = r["results"]["ours"], r["results"]["transformers"]
-    shape = bench_moe.SHAPES["quick" if quick else "default"]
-    what = f"MoE layer + expert LoRA fwd+bwd, E={shape['experts']} H=I={shape['hidden']}, 512 tokens, fp32"
+    s = r["shape"]
+    full_h = bench_moe.SHAPES["default"]["hidden"]
+    quick_note = f" (--quick; the full run has {full_h})" if s["hidden"] != full_h else ""
+    what = (f"MoE layer + expert LoRA (r={s['lora_r']}) fwd+bwd, E={s['experts']} top-{s['top_k']} "
+            f"H=I={s['hidden']}{quick_note}, {s['tokens']} tokens, fp32")
+    same = r["agreement"] < 1e-4  # outputs and gradients of the two sides agree
     return [
         {"what": what + ": tokens/s", "ours": ours["tokens_per_s"], "peer": peer["tokens_per_s"],
          "peer_name": "transformers GptOssExperts + PEFT", "ratio": r["speed_ratio"], "goal": ">= 3x",
-         "met": r["speed_ratio"] >= 3, "unit": "tokens/s", "detail": r},
+         "met": r["speed_ratio"] >= 3 and same, "unit": "tokens/s", "detail": r},
         {"what": what + ": peak memory", "ours": ours["peak_bytes"] / GIB, "peer": peer["peak_bytes"] / GIB,
          "peer_name": "transformers GptOssExperts + PEFT", "ratio": r["memory_ratio"], "goal": "(reported)",
          "met": None, "unit": "GiB"},
@@ -96,8 +105,13 @@ def _export(quick: bool) -> list[dict]:
 
     r = bench_export.main(["--quick"] if quick else [])
     size = r["merged_bytes"] / GIB
+    layers = r["num_hidden_layers"]
+    full = bench_export.SHAPE["num_hidden_layers"]
+    model = f"{layers}-layer H=512 E=32 V=201088 LoRA run"
+    if layers != full:
+        model += f" (--quick; the full run has {full})"
     return [
-        {"what": f"export --format merged, peak RSS (merged bf16 model {size:.2f} GiB)",
+        {"what": f"export --format merged of a {model}, peak RSS (merged bf16 model {size:.2f} GiB)",
          "ours": r["ours_merged_peak"] / GIB, "peer": r["peer_merged_peak"] / GIB,
          "peer_name": "transformers + PEFT merge_and_unload + save_pretrained", "ratio": r["memory_ratio"],
          "goal": "(reported)", "met": None, "unit": "GiB", "detail": r},
@@ -120,16 +134,20 @@ def _fmt(x) -> str:
 
 def write_markdown(path: Path, out: dict) -> None:
     env = out["environment"]
+    per = "; ".join(f"{name} {b['s']:.0f} s ({b['load_before']} -> {b['load_after']})"
+                    for name, b in out.get("benchmarks", {}).items())
     lines = [
         "# Benchmarks",
         "",
         f"`python -m benchmarks{' --quick' if out['quick'] else ''}` on {env['cpu']} "
         f"({env['threads']} torch threads), torch {env['torch']}, Python {env['python']}; "
         f"load average {env['load_before']} before, {env['load_after']} after (the machine is shared: "
-        "same-run ratios count, absolute figures move with load).",
+        "same-run ratios count, absolute figures move with load); "
+        f"OMP_WAIT_POLICY={env.get('omp_wait_policy') or 'unset'} (see benchmarks/__init__.py).",
         f"This run took {out['total_s'] / 60:.1f} min"
         + (" (--quick)." if out["quick"] else " (full run).")
-        + (f" The last full run took {out['full_run_s'] / 60:.1f} min." if out.get("full_run_s") else ""),
+        + (f" The last full run took {out['full_run_s'] / 60:.1f} min." if out.get("full_run_s") else "")
+        + (f" Per benchmark (1-min load average before -> after): {per}." if per else ""),
         "",
         "| what | ours | peer | ratio | goal | met? |",
         "|---|---|---|---|---|---|",
@@ -153,19 +171,20 @@ def main(argv=None) -> int:
     out_dir = Path(args.out)
     t0 = time.perf_counter()
     load_before = ", ".join(f"{x:.1f}" for x in os.getloadavg())
-    rows = []
+    rows, benches = [], {}
     for name in args.only or BENCHES:
         print(f"== {name}", flush=True)
-        t = time.perf_counter()
+        t, load = time.perf_counter(), f"{os.getloadavg()[0]:.1f}"
         rows += BENCHES[name](args.quick)
-        print(f"   ({time.perf_counter() - t:.0f} s)", flush=True)
+        benches[name] = {"s": time.perf_counter() - t, "load_before": load, "load_after": f"{os.getloadavg()[0]:.1f}"}
+        print(f"   ({benches[name]['s']:.0f} s)", flush=True)
     total = time.perf_counter() - t0
     cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),
                platform.processor())
-    out = {"quick": args.quick, "total_s": total, "rows": rows,
+    out = {"quick": args.quick, "total_s": total, "benchmarks": benches, "rows": rows,
            "environment": {"cpu": f"{cpu}, {os.cpu_count()} cores", "threads": torch.get_num_threads(),
                            "torch": torch.__version__, "python": platform.python_version(),
-                           "load_before": load_before,
+                           "load_before": load_before, "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", ""),
                            "load_after": ", ".join(f"{x:.1f}" for x in os.getloadavg())}}
     previous = out_dir / "results.json"
     if previous.exists():  # keep the last full run's duration next to a quick run's

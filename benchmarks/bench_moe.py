@@ -7,14 +7,18 @@ expert on the fly, LoRA as x A_e B_e) against transformers' `GptOssExperts` with
 Each side runs in its own process so peak memory is its own: peak = highest resident set during
 the timed steps (Linux VmHWM, reset after setup) minus the resident set before its weights were
 built, so weights, activations and transients all count. Speed = routed tokens per second of one
-forward + backward (best of the timed steps). Default shape: gpt-oss-20b's routing (E=32, top-4)
-at H=I=1024, fp32 on CPU, 512 tokens, LoRA r=16 on gate_up_proj and down_proj.
+forward + backward, best of the timed steps; one untimed warm-up step comes first (ours' first step
+costs ~3x a later one: allocator, decode table, thread pool). Both shapes are expert-heavy like
+gpt-oss-20b (E=32, top-4, so 512 tokens give each expert ~64 rows): default H=I=1024, --quick
+H=I=512 (same ratio within a few percent, a quarter of the expert bytes). fp32 on CPU, LoRA r=16
+on gate_up_proj and down_proj.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import time
@@ -22,9 +26,11 @@ import time
 import torch
 
 SHAPES = {
-    # gpt-oss-20b's expert count and top-k at a third of its width (2880), so a 2-core CPU runs it in ~a minute
+    # gpt-oss-20b's expert count and top-k (32, 4) at a third of its width (2880): ~1 min on 2 cores
     "default": dict(experts=32, hidden=1024, width=1024, top_k=4),
-    "quick": dict(experts=8, hidden=512, width=512, top_k=4),
+    # the same routing at H=I=512 (the LoRA-step model's width): ~25 s. E=8 here once measured
+    # something else: 256 rows per expert and an 8-expert B A, where PEFT's dense update is cheap.
+    "quick": dict(experts=32, hidden=512, width=512, top_k=4),
 }
 
 
@@ -41,13 +47,20 @@ def _reset_peak() -> None:
 
 
 def _inputs(shape, tokens, r, seed=0):
-    """MXFP4 weights, routed tokens and nonzero LoRA factors, identical for both sides."""
-    from model import mxfp4
+    """MXFP4 weights, routed tokens and nonzero LoRA factors, identical for both sides.
 
+    The MXFP4 codes are drawn directly (uniform nibbles, scales 2^-9..2^-6, so |w| <= 0.09 like
+    gpt-oss's experts): quantizing float weights first would cost each process tens of seconds at the
+    default shape and change nothing that is timed.
+    """
     g = torch.Generator().manual_seed(seed)
     e, h, i, k = shape["experts"], shape["hidden"], shape["width"], shape["top_k"]
-    w1 = mxfp4.quantize(torch.randn(e, 2 * i, h, generator=g) * 0.02)  # [E, out, in] blocks along in
-    w2 = mxfp4.quantize(torch.randn(e, h, i, generator=g) * 0.02)
+
+    def codes(out_f, in_f):  # [E, out, in] with blocks along in
+        return (torch.randint(0, 256, (e, out_f, in_f // 32, 16), dtype=torch.uint8, generator=g),
+                torch.randint(118, 122, (e, out_f, in_f // 32), dtype=torch.uint8, generator=g))
+
+    w1, w2 = codes(2 * i, h), codes(h, i)
     b1, b2 = torch.randn(e, 2 * i, generator=g) * 0.02, torch.randn(e, h, generator=g) * 0.02
     x = torch.randn(tokens, h, generator=g)
     top, idx = torch.topk(torch.randn(tokens, e, generator=g), k, dim=-1)
@@ -134,7 +147,7 @@ def run_side(side: str, shape_name: str, tokens: int, r: int, steps: int) -> dic
         y.backward(grad_out)
         return y
 
-    y = step()  # warm-up: allocator, thread pool, tables
+    y = step()  # warm-up (not timed): allocator, decode table, thread pool
     _reset_peak()
     times = []
     for _ in range(steps):
@@ -145,15 +158,16 @@ def run_side(side: str, shape_name: str, tokens: int, r: int, steps: int) -> dic
     checksum = {"y": y.detach().double().norm().item(), "x_grad": x.grad.double().norm().item(),
                 "lora_grad": sum(p.grad.double().norm().item() for p in params)}
     return {"side": side, "impl": impl, "tokens_per_s": tokens / min(times), "step_s": min(times),
-            "peak_bytes": peak, "checksum": checksum}
+            "step_times": times, "peak_bytes": peak, "checksum": checksum, "threads": torch.get_num_threads(),
+            "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "")}
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--quick", action="store_true", help="a small shape, seconds")
+    ap.add_argument("--quick", action="store_true", help="H=I=512 instead of 1024 (same E=32, top-4)")
     ap.add_argument("--tokens", type=int, default=512)
     ap.add_argument("--r", type=int, default=16)
-    ap.add_argument("--steps", type=int, default=2)
+    ap.add_argument("--steps", type=int, default=3, help="timed steps per side, after one warm-up step")
     ap.add_argument("--json", help="write the results here")
     ap.add_argument("--side", choices=["ours", "transformers"], help=argparse.SUPPRESS)  # child process
     ap.add_argument("--shape", default=None, help=argparse.SUPPRESS)
@@ -182,7 +196,8 @@ def main(argv=None) -> int:
           f"outputs/grads agree to {agree:.1e}")
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"results": results, "speed_ratio": speed, "memory_ratio": mem, "agreement": agree}, f, indent=2)
+            json.dump({"shape": {**s, "tokens": args.tokens, "lora_r": args.r, "dtype": "float32"},
+                       "results": results, "speed_ratio": speed, "memory_ratio": mem, "agreement": agree}, f, indent=2)
     return 0
 
 

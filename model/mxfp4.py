@@ -80,7 +80,10 @@ def dequantize(blocks: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype = 
     out = torch.empty(rows, BLOCK // 2, dtype=table.dtype, device=blocks.device)
 
     def decode(r0: int, r1: int) -> None:
-        index = (s2[r0:r1].to(torch.int32) << 8).unsqueeze(-1) | b2[r0:r1]
+        # Widen the data bytes once and OR the shifted scales in place: `int32 | uint8` would first
+        # copy the uint8 operand to int32 (type promotion) and then write a third tensor.
+        index = b2[r0:r1].to(torch.int32)
+        index |= (s2[r0:r1].to(torch.int32) << 8).unsqueeze(-1)
         torch.index_select(table, 0, index.view(-1), out=out[r0:r1].view(-1))
 
     if blocks.device.type == "cpu":
