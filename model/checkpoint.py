@@ -253,17 +253,18 @@ class Checkpoint:
         except KeyError:
             raise CheckpointError(f"{self.path}: tensor {name!r} is missing") from None
 
-    def get(self, name: str, dtype: torch.dtype | None = None) -> torch.Tensor:
-        """One tensor by HF name, as stored (uint8 MXFP4 bytes stay bytes); floats cast to `dtype`."""
+    def get(self, name: str, dtype: torch.dtype | None = None, *, own: bool = False) -> torch.Tensor:
+        """One tensor by HF name, as stored (uint8 MXFP4 bytes stay bytes); floats cast to `dtype`.
+
+        Tensors kept as stored are views of safetensors' mapping of the whole file, which stays
+        resident (every page touched) while any view lives: fine for streaming, not for a model's
+        weights. `own=True` returns a tensor that owns its memory (a copy only when needed)."""
         stored, rows = self._lookup(name)
         handle = self._open(self._where[stored])
         t = handle.get_slice(stored)[rows] if rows is not None else handle.get_tensor(stored)
         if dtype is not None and t.is_floating_point() and t.dtype != dtype:
-            return t.to(dtype)
-        # safetensors' tensors are views of one mapping of the whole file: a tensor kept as stored
-        # (MXFP4 bytes, weights already in `dtype`) would keep every page of the file it touched
-        # resident for the model's lifetime. A copy owns its memory and lets the mapping go.
-        return t.clone()
+            return t.to(dtype)  # a new tensor
+        return t.clone() if own else t
 
     def get_expert_weight(self, layer: int, proj: str, dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
         """`mlp.experts.{proj}` in HF's dense layout (`gate_up_proj [E, H, 2I]`, `down_proj [E, I, H]`),

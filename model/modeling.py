@@ -599,7 +599,7 @@ def _load_tensor(ckpt: Checkpoint, name: str, experts: str, dtype: torch.dtype, 
                 quantized[dense_name] = mxfp4.quantize(dense.transpose(1, 2))  # blocks of 32 along `in`
             blocks, scales = quantized[dense_name] if kind == "blocks" else quantized.pop(dense_name)
             return blocks if kind == "blocks" else scales
-    return ckpt.get(name, dtype)
+    return ckpt.get(name, dtype, own=True)  # the model's weights must not pin the file mapping
 
 
 def from_pretrained(path, *, dtype: torch.dtype = torch.bfloat16, experts: str = "mxfp4", device="cpu",
