@@ -41,11 +41,12 @@ class ModelSection:
     offload_embeddings: bool = True
     """LoRA on one GPU: keep the frozen input embedding table (1.1 GiB for gpt-oss) in CPU memory;
     each batch's rows are gathered there and copied over. Ignored on CPU and with several processes."""
-    offload_experts: int = 0
+    offload_experts: int | Literal["auto"] = "auto"
     """LoRA on one GPU with mxfp4 experts: decoder layers (spread over the depth) whose MXFP4 experts
     stay in pinned CPU memory and are copied to the GPU expert by expert when used, in forward and
-    backward. Each saves 0.39 GiB (20b) / 1.58 GiB (120b) of GPU memory for that PCIe traffic;
-    `gptoss-ft plan --fit GIB` gives the fewest layers that fit a GPU."""
+    backward. Each saves 0.39 GiB (20b) / 1.58 GiB (120b) of GPU memory for that PCIe traffic.
+    auto: the fewest layers with which `gptoss-ft plan` fits the run in the GPU's memory (none on a
+    GPU large enough); `gptoss-ft plan --config CONFIG --fit GIB` shows the choice for a GPU size."""
 
 
 @dataclass(frozen=True)
@@ -308,11 +309,13 @@ def check_combinations(cfg: Config) -> None:
                           "(PEFT's target_parameters adapters have no dropout); target attention only to use it")
     if cfg.method == "full" and {"adapter"} & set(cfg.export.formats):
         raise ConfigError("export.formats: a full fine-tune has no adapter to export (use merged or mxfp4)")
-    if cfg.model.offload_experts and (cfg.method != "lora" or cfg.model.experts != "mxfp4"):
-        raise ConfigError("model.offload_experts keeps frozen MXFP4 experts on the CPU: it needs method: lora "
-                          "and model.experts: mxfp4")
-    if cfg.model.offload_experts < 0:
-        raise ConfigError(f"model.offload_experts must be at least 0, got {cfg.model.offload_experts}")
+    offload = cfg.model.offload_experts
+    if offload != "auto":
+        if offload and (cfg.method != "lora" or cfg.model.experts != "mxfp4"):
+            raise ConfigError("model.offload_experts keeps frozen MXFP4 experts on the CPU: it needs method: lora "
+                              "and model.experts: mxfp4")
+        if offload < 0:
+            raise ConfigError(f"model.offload_experts must be at least 0 or auto, got {offload}")
     if len(set(cfg.lora.targets)) != len(cfg.lora.targets):
         raise ConfigError(f"lora.targets has duplicates: {list(cfg.lora.targets)}")
     t = cfg.train

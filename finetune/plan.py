@@ -76,7 +76,9 @@ class Plan:
                 "breakdown": {k: round(v / GIB, 3) for k, v in self.breakdown.items()}, "notes": self.notes}
 
 
-def load_config(name_or_path: str) -> GptOssConfig:
+def load_config(name_or_path: "str | GptOssConfig") -> GptOssConfig:
+    if isinstance(name_or_path, GptOssConfig):
+        return name_or_path
     if name_or_path in PRESETS:
         return PRESETS[name_or_path]
     path = Path(name_or_path)
@@ -118,7 +120,7 @@ def _layer_activations(c: GptOssConfig, device: str) -> int:
     return 4 * c.hidden_size + attention + k * (2 * c.hidden_size + 3 * c.intermediate_size)
 
 
-def plan(model: str, *, method: str = "lora", seq_len: int = 2048, batch_size: int = 1, gpus: int = 1,
+def plan(model: "str | GptOssConfig", *, method: str = "lora", seq_len: int = 2048, batch_size: int = 1, gpus: int = 1,
          device: str = "cuda", gradient_checkpointing: bool = False, lora_r: int = 16,
          labeled_tokens: int | None = None, offload_embeddings: bool = True, offload_experts: int = 0) -> Plan:
     """Peak memory per device. labeled_tokens: trained tokens per micro-batch (default: all).
@@ -138,7 +140,8 @@ def plan(model: str, *, method: str = "lora", seq_len: int = 2048, batch_size: i
     if offload_experts and not offloading:
         raise ValueError("offload-experts applies to LoRA on one GPU (--method lora --device cuda --gpus 1)")
     embed_off = offload_embeddings and offloading and not c.tie_word_embeddings
-    p = Plan(model, method, device, gpus, seq_len, batch_size, gradient_checkpointing, lora_r, offload_experts)
+    name = model if isinstance(model, str) else "model"
+    p = Plan(name, method, device, gpus, seq_len, batch_size, gradient_checkpointing, lora_r, offload_experts)
     s = 4 if device == "cpu" else 2  # model dtype: fp32 on CPU, bf16 on CUDA (trainer's dtype: auto)
     n = _counts(c, lora_r)
     tokens = seq_len * batch_size
@@ -197,7 +200,7 @@ def plan(model: str, *, method: str = "lora", seq_len: int = 2048, batch_size: i
     return p
 
 
-def fit(budget_gib: float, model: str, **kw) -> Plan | None:
+def fit(budget_gib: float, model: "str | GptOssConfig", **kw) -> Plan | None:
     """The plan with the fewest offloaded expert layers whose peak is at most `budget_gib`, or None
     when even offloading every layer's experts does not fit."""
     for n in range(load_config(model).num_hidden_layers + 1):
@@ -210,15 +213,28 @@ def fit(budget_gib: float, model: str, **kw) -> Plan | None:
     return None
 
 
-def config_kwargs(path: str) -> dict:
-    """plan()'s arguments for a training config (the recipe's model, method, shapes and offloading)."""
+def config_kwargs(config) -> dict:
+    """plan()'s arguments for a training config (a path or a loaded `finetune.config.Config`): the
+    recipe's model, method, shapes and offloading (offload_experts may be "auto"; see `auto_offload`)."""
     from . import config as cfglib
 
-    cfg = cfglib.load(path)
+    cfg = cfglib.load(config) if isinstance(config, (str, Path)) else config
     return dict(model=cfg.model.path, method=cfg.method, seq_len=cfg.data.max_seq_len,
                 batch_size=cfg.train.batch_size, gradient_checkpointing=cfg.model.gradient_checkpointing,
                 lora_r=cfg.lora.r, offload_embeddings=cfg.model.offload_embeddings,
                 offload_experts=cfg.model.offload_experts)
+
+
+def auto_offload(config, budget_gib: float, model: GptOssConfig | None = None) -> int:
+    """`model.offload_experts: auto`: the fewest layers with which the run of `config` fits
+    `budget_gib` on one GPU; every layer when even that does not fit (the closest the design gets).
+    model: the loaded model's config, when `model.path` is not one the planner can read."""
+    kw = config_kwargs(config)
+    kw.pop("offload_experts")
+    if model is not None:
+        kw["model"] = model
+    p = fit(budget_gib, **kw)
+    return p.offload_experts if p is not None else load_config(kw["model"]).num_hidden_layers
 
 
 def render_table(p: Plan) -> None:
@@ -251,6 +267,9 @@ def command(args) -> int:
              "offload_embeddings": False if args.no_offload_embeddings else None}
     kw.update({k: v for k, v in given.items() if v is not None})  # flags override the config
     kw.update(gpus=args.gpus, device=args.device)
+    auto = kw.get("offload_experts") == "auto"
+    if auto and args.fit is None:
+        kw["offload_experts"] = 0
     if args.fit is not None:
         kw.pop("offload_experts", None)
         p = fit(args.fit, **kw)
@@ -260,6 +279,9 @@ def command(args) -> int:
             p = plan(**kw)
     else:
         p = plan(**kw)
+    if auto and args.fit is None:
+        p.notes.append("the config says model.offload_experts: auto, which the trainer sizes to its GPU; "
+                       "this plan offloads none (add --fit GIB for a GPU of GIB)")
     if args.json:
         print(json.dumps(p.to_dict(), indent=2))
     else:

@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 
 from . import config as cfglib
+from .plan import auto_offload
 from .state import latest_checkpoint, load_checkpoint, save_checkpoint
 
 
@@ -283,12 +284,18 @@ def _offload(cfg: cfglib.Config, model, accelerator) -> None:
     if accelerator.device.type == "cpu" or cfg.method != "lora":
         return  # nothing to save on a CPU run; full fine-tuning trains the embedding
     if accelerator.num_processes > 1:
-        if m.offload_experts:
+        if m.offload_experts not in (0, "auto"):
             raise TrainingError("model.offload_experts works with one process (data parallelism replicates the "
                                 "experts on every GPU anyway); shard with FSDP2 instead, or set it to 0")
-        accelerator.print("model.offload_embeddings: ignored with several processes")
+        accelerator.print("model.offload_*: ignored with several processes")
         return
-    layers = model.offload(embeddings=m.offload_embeddings, expert_layers=m.offload_experts)
+    n = m.offload_experts
+    if n == "auto":
+        budget = torch.cuda.get_device_properties(accelerator.device).total_memory / 2 ** 30
+        n = auto_offload(cfg, budget, model.config) if m.experts == "mxfp4" else 0
+        accelerator.print(f"model.offload_experts: auto -> {n} layer(s) for {budget:.1f} GiB of GPU memory "
+                          "(set a number to override)")
+    layers = model.offload(embeddings=m.offload_embeddings, expert_layers=n)
     if m.offload_embeddings or layers:
         accelerator.print(f"kept in CPU memory: {'the input embedding; ' if m.offload_embeddings else ''}"
                           f"the MXFP4 experts of {len(layers)} layer(s) {layers}")

@@ -83,3 +83,7 @@ def test_config_refuses_offloading_experts_that_are_trained(tmp_path):
     with pytest.raises(cfglib.ConfigError, match="at least 0"):
         cfglib.from_dict(dict(base, method="lora", model=dict(base["model"], offload_experts=-1)))
     assert cfglib.from_dict(dict(base, method="lora")).model.offload_experts == 2
+    auto = dict(base, model=dict(base["model"], offload_experts="auto", experts="dequantized"))
+    assert cfglib.from_dict(auto).model.offload_experts == "auto"  # auto offloads nothing it cannot
+    with pytest.raises(cfglib.ConfigError, match="offload_experts"):
+        cfglib.from_dict(dict(base, method="lora", model=dict(base["model"], offload_experts="some")))

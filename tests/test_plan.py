@@ -125,9 +125,16 @@ def test_fit_offloads_the_fewest_layers():
 def test_shipped_recipes_fit_their_gpu(name, budget):
     """The design goal (issue 7): 20b LoRA in 14 GiB, 120b LoRA in 75 GiB (one 80 GB GPU), at sequence
     2048 and batch 1, as the shipped recipes run."""
-    kw = planlib.config_kwargs(str(ROOT / "configs" / f"{name}.yaml"))
+    path = ROOT / "configs" / f"{name}.yaml"
+    kw = planlib.config_kwargs(str(path))
     assert kw["seq_len"] == 2048 and kw["batch_size"] == 1 and kw["method"] == "lora"
-    assert planlib.plan(**kw).peak_bytes <= budget * 2**30
+    assert kw["offload_experts"] == "auto" and kw["gradient_checkpointing"]
+    n = planlib.auto_offload(str(path), budget)  # what the trainer offloads on a GPU of `budget` GiB
+    kw.pop("offload_experts")
+    assert 0 < n < planlib.load_config(kw["model"]).num_hidden_layers  # some layers, not all
+    assert planlib.plan(**kw, offload_experts=n).peak_bytes <= budget * 2**30
+    assert planlib.plan(**kw, offload_experts=n - 1).peak_bytes > budget * 2**30
+    assert planlib.auto_offload(str(path), 200) == 0  # a GPU large enough offloads nothing
 
 
 def test_cli_json_and_table(capsys):
@@ -139,8 +146,11 @@ def test_cli_json_and_table(capsys):
     assert cli(["plan", "--model", "gpt-oss-20b", "--method", "full", "--gpus", "8", "--gradient-checkpointing"]) == 0
     assert "peak" in capsys.readouterr().out
     assert cli(["plan", "--model", "no-such-model"]) == 2
-    assert cli(["plan", "--config", str(ROOT / "configs" / "gpt-oss-20b-lora.yaml"), "--json"]) == 0
+    assert cli(["plan", "--config", str(ROOT / "configs" / "gpt-oss-20b-lora.yaml"), "--fit", "14", "--json"]) == 0
     out = json.loads(capsys.readouterr().out)
     assert out["model"] == "openai/gpt-oss-20b" and out["offload_experts"] > 0 and out["peak_gib"] <= 14
+    assert cli(["plan", "--config", str(ROOT / "configs" / "gpt-oss-20b-lora.yaml"), "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)  # auto without a GPU size: nothing offloaded, and said so
+    assert out["offload_experts"] == 0 and any("auto" in note for note in out["notes"])
     assert cli(["plan", "--model", "gpt-oss-20b", "--gradient-checkpointing", "--fit", "14", "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["peak_gib"] <= 14
