@@ -257,8 +257,11 @@ def _flex(device: torch.device):
 def flex_sink_attention(q, k, v, sinks, block_mask, scale):
     """q [B, nH, T, d], k/v [B, nKV, T, d] (GQA without repeating kv): the sink-free flex output
     times sigmoid(lse - s) (DESIGN §6); autograd differentiates through lse (flex supports it)."""
-    out, lse = _flex(q.device)(q, k, v, block_mask=block_mask, scale=scale, enable_gqa=True, return_lse=True)
-    keep = torch.sigmoid(lse - sinks.float().view(1, -1, 1))  # [B, nH, T]: share not taken by the sink
+    from torch.nn.attention.flex_attention import AuxRequest
+
+    out, aux = _flex(q.device)(q, k, v, block_mask=block_mask, scale=scale, enable_gqa=True,
+                               return_aux=AuxRequest(lse=True))
+    keep = torch.sigmoid(aux.lse - sinks.float().view(1, -1, 1))  # [B, nH, T]: share not taken by the sink
     return out * keep.unsqueeze(-1).to(out.dtype)
 
 

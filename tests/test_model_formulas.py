@@ -124,6 +124,43 @@ def test_flex_attention_path_matches_float64_eager(monkeypatch):
     assert (got - want).norm() < 1e-6 * want.norm()
 
 
+def test_flex_attention_under_torch_compile_traces_once_per_mask_kind(monkeypatch):
+    """On CUDA flex runs compiled (model.modeling._flex). Dynamo's tracing is the same on every
+    device, so it is checked here with the aot_eager backend (no CPU kernel for lse): the traced
+    path gives the eager values and gradients, and fresh block masks each step (new packing, new
+    closures) reuse the graph of their mask kind instead of recompiling every step."""
+    import torch._dynamo
+    import torch.nn.attention.flex_attention as fa
+    from torch._dynamo.utils import counters
+
+    import model.modeling as modeling
+    from model.modeling import attention_masks, flex_block_masks, flex_sink_attention
+
+    monkeypatch.setattr(fa, "_validate_device", lambda *args: None)  # backward on CPU: see the test above
+    compiled = torch.compile(fa.flex_attention, backend="aot_eager", dynamic=False)
+    monkeypatch.setattr(modeling, "_flex", lambda device: compiled)
+    torch._dynamo.reset()
+    counters.clear()
+    cfg = preset("tiny").replace(sliding_window=6)
+    torch.manual_seed(0)
+    b, t = 2, 64
+    for step in range(3):
+        pos = torch.stack([torch.cat([torch.arange(20 + step), torch.arange(t - 20 - step)]), torch.arange(t)])
+        q, k, v = (torch.randn(b, n, t, 16, dtype=F64, requires_grad=True) for n in (4, 2, 2))
+        sinks = torch.randn(4, dtype=F64, requires_grad=True)
+        flex, allowed = flex_block_masks(pos, cfg), attention_masks(pos, cfg)
+        for kind in flex:
+            got = flex_sink_attention(q, k, v, sinks, flex[kind], 0.25)
+            want = eager_attention(q, k.repeat_interleave(2, 1), v.repeat_interleave(2, 1), sinks, allowed[kind], 0.25)
+            g = torch.randn_like(got)
+            for a, w in zip(torch.autograd.grad((got * g).sum(), (q, k, v, sinks)),
+                            torch.autograd.grad((want * g).sum(), (q, k, v, sinks))):
+                torch.testing.assert_close(a, w, rtol=1e-5, atol=1e-5)  # lse is fp32 in flex
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    assert counters["stats"]["unique_graphs"] == 2  # full and sliding, traced once each
+    torch._dynamo.reset()
+
+
 def _tiny_experts(fmt, dtype, seed=0):
     cfg = preset("tiny").replace(num_local_experts=4, num_experts_per_tok=2)
     torch.manual_seed(seed)
