@@ -217,9 +217,10 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from .trainer import TrainingError
 
     from .export import ExportError
+    from .plan import PlanError
 
     errors: list[type[BaseException]] = [CheckpointError, ConfigError, TrainConfigError, StateError, TrainingError,
-                                          ExportError, FileNotFoundError, PermissionError, IsADirectoryError]
+                                          ExportError, PlanError, FileNotFoundError, PermissionError, IsADirectoryError]
     try:
         from data import DataError
 

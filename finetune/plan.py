@@ -38,6 +38,10 @@ from model.modeling import GptOssForCausalLM
 
 GIB = 2 ** 30
 
+
+class PlanError(ValueError):
+    """A plan that cannot be made from the arguments given; the message says which."""
+
 # Measured on the 2-core dev box: RSS of `python -c "import torch, accelerate, datasets, rich.progress,
 # model, data, finetune.trainer; Accelerator(cpu=True); data.get_tokenizer()"` = 419 MiB (torch 2.13,
 # transformers not imported). What a CPU training process holds before it loads any weight.
@@ -126,19 +130,19 @@ def plan(model: "str | GptOssConfig", *, method: str = "lora", seq_len: int = 20
     """Peak memory per device. labeled_tokens: trained tokens per micro-batch (default: all).
     offload_embeddings / offload_experts: the trainer's `model.offload_*` (LoRA on one GPU only)."""
     if method not in ("lora", "full"):
-        raise ValueError(f"method must be lora or full, got {method!r}")
+        raise PlanError(f"method must be lora or full, got {method!r}")
     if device not in ("cpu", "cuda"):
-        raise ValueError(f"device must be cpu or cuda, got {device!r}")
+        raise PlanError(f"device must be cpu or cuda, got {device!r}")
     if min(seq_len, batch_size, gpus, lora_r) < 1:
-        raise ValueError("seq-len, batch-size, gpus and r must be positive")
+        raise PlanError("seq-len, batch-size, gpus and r must be positive")
     c = load_config(model)
     layers = c.num_hidden_layers
     if not 0 <= offload_experts <= layers:
-        raise ValueError(f"offload-experts must be between 0 and {layers} (the model's layers), got {offload_experts}")
+        raise PlanError(f"offload-experts must be between 0 and {layers} (the model's layers), got {offload_experts}")
     # What the trainer offloads: frozen weights, one GPU (model.offload_* is ignored or refused otherwise).
     offloading = method == "lora" and device == "cuda" and gpus == 1
     if offload_experts and not offloading:
-        raise ValueError("offload-experts applies to LoRA on one GPU (--method lora --device cuda --gpus 1)")
+        raise PlanError("offload-experts applies to LoRA on one GPU (--method lora --device cuda --gpus 1)")
     embed_off = offload_embeddings and offloading and not c.tie_word_embeddings
     name = model if isinstance(model, str) else "model"
     p = Plan(name, method, device, gpus, seq_len, batch_size, gradient_checkpointing, lora_r, offload_experts)
@@ -260,7 +264,7 @@ def command(args) -> int:
     if args.model:
         kw["model"] = args.model
     if "model" not in kw:
-        raise ValueError("give --model or --config")
+        raise PlanError("give --model or --config")
     given = {"method": args.method, "seq_len": args.seq_len, "batch_size": args.batch_size,
              "gradient_checkpointing": args.gradient_checkpointing or None, "lora_r": args.lora_r,
              "offload_experts": args.offload_experts,

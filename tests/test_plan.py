@@ -146,6 +146,9 @@ def test_cli_json_and_table(capsys):
     assert cli(["plan", "--model", "gpt-oss-20b", "--method", "full", "--gpus", "8", "--gradient-checkpointing"]) == 0
     assert "peak" in capsys.readouterr().out
     assert cli(["plan", "--model", "no-such-model"]) == 2
+    assert cli(["plan"]) == 2  # neither a model nor a config: an error line, not a traceback
+    assert cli(["plan", "--model", "gpt-oss-20b", "--gpus", "2", "--offload-experts", "3"]) == 2
+    assert "one GPU" in capsys.readouterr().err
     assert cli(["plan", "--config", str(ROOT / "configs" / "gpt-oss-20b-lora.yaml"), "--fit", "14", "--json"]) == 0
     out = json.loads(capsys.readouterr().out)
     assert out["model"] == "openai/gpt-oss-20b" and out["offload_experts"] > 0 and out["peak_gib"] <= 14
