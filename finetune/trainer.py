@@ -295,6 +295,8 @@ def _offload(cfg: cfglib.Config, model, accelerator) -> None:
         n = auto_offload(cfg, budget, model.config) if m.experts == "mxfp4" else 0
         accelerator.print(f"model.offload_experts: auto -> {n} layer(s) for {budget:.1f} GiB of GPU memory "
                           "(set a number to override)")
+    if n > model.config.num_hidden_layers:
+        raise TrainingError(f"model.offload_experts: {n} is more than the model's {model.config.num_hidden_layers} layers")
     layers = model.offload(embeddings=m.offload_embeddings, expert_layers=n)
     if m.offload_embeddings or layers:
         accelerator.print(f"kept in CPU memory: {'the input embedding; ' if m.offload_embeddings else ''}"
