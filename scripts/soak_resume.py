@@ -1,7 +1,7 @@
 """Soak test for crash safety (kept out of the test run): kill `gptoss-ft train` with SIGKILL at random
 moments, resume, and check the final adapter is bit-identical to an uninterrupted run's.
 
-    python scripts/soak_resume.py [--cycles 20] [--seed 0] [--workdir DIR]
+    python scripts/soak_resume.py [--cycles 20] [--seed 0] [--workdir DIR] [--threads 1]
 
 Each cycle starts a fresh run, kills it 1-3 times at random delays (start-up, mid-step, mid-save all
 get hit over enough cycles), resumes until it finishes, and compares. Prints how many ended identical.
@@ -10,6 +10,7 @@ get hit over enough cycles), resumes until it finishes, and compares. Prints how
 from __future__ import annotations
 
 import argparse
+import os
 import random
 import shutil
 import signal
@@ -26,10 +27,16 @@ from safetensors.torch import load_file
 ROOT = Path(__file__).resolve().parents[1]
 
 
+# One thread per run by default: on a shared VM a process's second OpenMP thread has been seen
+# computing elementwise ops 1 ulp differently (see tests/test_reliability.py), which would count
+# against the resume logic. --threads 0 keeps torch's default.
+ENV = dict(os.environ)
+
+
 def run(cfg: Path, resume: bool, kill_after: float | None) -> bool:
     """True when the run finished; False when it was killed."""
     cmd = [sys.executable, "-m", "finetune.cli", "train", str(cfg)] + (["--resume"] if resume else [])
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=ENV)
     if kill_after is None:
         _, err = proc.communicate()
         if proc.returncode != 0:
@@ -49,7 +56,10 @@ def main() -> None:
     ap.add_argument("--cycles", type=int, default=20)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--workdir", default=None)
+    ap.add_argument("--threads", type=int, default=1, help="torch threads per run (0: torch's default)")
     args = ap.parse_args()
+    if args.threads:
+        ENV.update(OMP_NUM_THREADS=str(args.threads), MKL_NUM_THREADS=str(args.threads))
     rng = random.Random(args.seed)
     work = Path(args.workdir or tempfile.mkdtemp(prefix="gptoss-soak-"))
     base = work / "base"
