@@ -164,10 +164,11 @@ def plan(model: "str | GptOssConfig", *, method: str = "lora", seq_len: int = 20
         p.breakdown[f"weights: experts MXFP4 blocks + scales (uint8), {on_gpu} of {layers} layers"] = \
             n["layer_experts"] * on_gpu * 17 // 32
         if offload_experts:
-            p.notes.append(f"MXFP4 experts of {offload_experts} layers in pinned CPU memory "
-                           f"({n['layer_experts'] * offload_experts * 17 / 32 / GIB:.2f} GiB), copied over per expert "
-                           f"in forward, recompute and backward: {n['layer_experts'] * offload_experts * 17 / 32 / GIB * (3 if gradient_checkpointing else 2):.1f} GiB "
-                           "of PCIe traffic per micro-batch (model.offload_experts)")
+            off_gib = n["layer_experts"] * offload_experts * 17 / 32 / GIB
+            passes = 3 if gradient_checkpointing else 2  # forward (+ recompute) + backward
+            p.notes.append(f"MXFP4 experts of {offload_experts} layers in pinned CPU memory ({off_gib:.2f} GiB), "
+                           f"copied over per expert in each of {passes} passes: {off_gib * passes:.1f} GiB of PCIe "
+                           "traffic per micro-batch (model.offload_experts)")
         trainable, pbytes, obytes = n["lora"], 4, 8
         p.breakdown["trainable: LoRA adapters (fp32)"] = trainable * pbytes // shard
         p.notes.append(f"LoRA r={lora_r} on attention (q, k, v, o) and every expert (gate_up, down): "
@@ -208,12 +209,12 @@ def fit(budget_gib: float, model: "str | GptOssConfig", **kw) -> Plan | None:
     """The plan with the fewest offloaded expert layers whose peak is at most `budget_gib`, or None
     when even offloading every layer's experts does not fit."""
     for n in range(load_config(model).num_hidden_layers + 1):
-        p = plan(model, offload_experts=n, **kw)
+        try:
+            p = plan(model, offload_experts=n, **kw)
+        except PlanError:  # n = 1 on a set-up where nothing is offloaded (n = 0 already ran with these args)
+            return None
         if p.peak_bytes <= budget_gib * GIB:
             return p
-        if n == 0 and not (kw.get("method", "lora") == "lora" and kw.get("device", "cuda") == "cuda"
-                           and kw.get("gpus", 1) == 1):
-            return None  # nothing to offload on this set-up
     return None
 
 
