@@ -39,7 +39,7 @@ def make_run(root: Path, quick: bool) -> tuple[Path, Path]:
     """A base checkpoint and a run directory with a nonzero attention + experts adapter."""
     import yaml
 
-    from finetune.lora import save_adapter
+    from finetune.run import save_adapter
     from model import from_pretrained
     from model.checkpoint import write_random
     from model.config import MXFP4_QUANTIZATION_CONFIG, GptOssConfig

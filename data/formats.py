@@ -8,7 +8,7 @@ sharegpt           {"conversations": [{"from": "human"|"gpt"|"system", "value": 
 
 Every format honours the per-row columns `reasoning_effort` (low/medium/high), `developer`
 (instructions) and `tools` (OpenAI function specs, or a JSON string of them). The mapping of plain
-rows follows the HF chat-template convention for gpt-oss (DESIGN §5):
+rows follows the HF chat-template convention for gpt-oss (docs/ARCHITECTURE.md §5):
 - `system`/`developer` rows -> the developer message's `# Instructions` (several are joined by a blank line);
 - an assistant row's `thinking` (or `reasoning_content`/`reasoning`) -> an `analysis` message,
   its `content` -> a `final` message;

@@ -1,5 +1,5 @@
 """Harmony for training: a conversation -> (input_ids, loss_mask), token for token as openai-harmony
-renders it (DESIGN §5).
+renders it (docs/ARCHITECTURE.md §5).
 
 The target is openai-harmony's `render_conversation_for_training(conv,
 RenderConversationConfig(auto_drop_analysis=False))` applied to each example after earlier turns'

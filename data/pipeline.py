@@ -1,4 +1,4 @@
-"""Load rows, render them to examples, pack and collate; and `gptoss-ft render`.
+"""Load rows, render them to examples, pack and collate.
 
 Reading. Local `.jsonl`/`.json` files are parsed with the standard library, row by row: that keeps
 each row exactly as written (Arrow would unify nested structs across rows, turning absent keys into
@@ -18,7 +18,6 @@ import bisect
 import json
 import os
 import random
-import sys
 from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -30,6 +29,10 @@ from data.harmony import LOSS_ON, REASONING_EFFORTS, render_examples
 from data.tokenizer import PAD, get_tokenizer
 
 LOCAL_SUFFIXES = (".jsonl", ".json", ".parquet", ".csv")
+ON_ERROR = ("raise", "skip")
+"""A bad row stops loading with an error naming it, or is left out and counted."""
+TRUNCATION = ("drop", "truncate")
+"""An example longer than max_seq_len is left out, or cut to length (counted either way)."""
 IGNORE_INDEX = -100
 
 
@@ -206,9 +209,9 @@ def load_examples(
     examples left with nothing to train are dropped). Dropped examples are counted, never silent.
     """
     _check("format", format, ("auto", *FORMATS))
-    _check("on_error", on_error, ("raise", "skip"))
+    _check("on_error", on_error, ON_ERROR)
     _check("loss_on", loss_on, LOSS_ON)
-    _check("truncation", truncation, ("drop", "truncate"))
+    _check("truncation", truncation, TRUNCATION)
     _check("reasoning_effort", reasoning_effort, (None, *REASONING_EFFORTS))
     get_tokenizer()  # a missing vocab is one error about the setup, not one per row
     where, rows = read_rows(source, split)
@@ -344,58 +347,3 @@ def collate(rows_or_examples: Sequence, pad_to: int | None = None) -> dict:
         "position_ids": torch.tensor(positions, dtype=torch.long),
         "num_tokens": torch.tensor(sum(sum(len(e) for e in r) for r in rows), dtype=torch.long),
     }
-
-
-# --- gptoss-ft render ---
-
-def render_command(args) -> int:
-    """`gptoss-ft render`: examples as JSONL on stdout, or a human view with trained spans highlighted."""
-    examples, report = load_examples(
-        args.file, args.format, split=args.split, on_error=args.on_error, split_turns=not args.no_split_turns,
-        loss_on=args.loss_on, reasoning_effort=args.reasoning_effort,
-    )
-    try:
-        if args.jsonl:
-            write = sys.stdout.write
-            for e in examples:
-                write(json.dumps({"input_ids": e.input_ids, "loss_mask": e.loss_mask}) + "\n")
-            sys.stdout.flush()
-        else:
-            _show(examples, getattr(args, "limit", None))
-    except BrokenPipeError:  # `| head` closed the pipe: not an error
-        sys.stdout = open(os.devnull, "w")
-    print(report, file=sys.stderr)
-    for message in report.first_errors.values():
-        print(f"  first skipped: {message}", file=sys.stderr)
-    return 0
-
-
-def _show(examples: Sequence[Example], limit: int | None) -> None:
-    from rich.console import Console
-    from rich.text import Text
-
-    from data.tokenizer import CALL, END, RETURN, STARTOFTEXT
-
-    tok = get_tokenizer()
-    console = Console(highlight=False)
-    for k, e in enumerate(examples[:limit] if limit is not None else examples):
-        trained = sum(e.loss_mask)
-        console.rule(f"example {k} (row {e.row}): {len(e)} tokens, {trained} trained", style="dim")
-        text = Text()
-        start = 0
-        for i in range(1, len(e) + 1):  # spans of equal mask and kind (special or not), cut after each message
-            ends_message = e.input_ids[i - 1] in (END, RETURN, CALL)
-            if (i < len(e) and not ends_message and e.loss_mask[i] == e.loss_mask[start]
-                    and (e.input_ids[i] >= STARTOFTEXT) == (e.input_ids[start] >= STARTOFTEXT)):
-                continue
-            piece = tok.decode(e.input_ids[start:i])
-            special = e.input_ids[start] >= STARTOFTEXT
-            style = ("bold green" if e.loss_mask[start] else "") + (" cyan" if special else "")
-            text.append(piece, style=style.strip() or None)
-            if ends_message and i < len(e):
-                text.append("\n")  # one message per line; the tokens have no newline here
-            start = i
-        console.print(text, soft_wrap=True)
-    if limit is not None and len(examples) > limit:
-        console.print(f"... {len(examples) - limit} more examples (raise --limit to see them)", style="dim")
-    console.print("[green bold]green[/]: trained tokens (loss mask 1); [cyan]cyan[/]: special tokens", style="dim")

@@ -2,7 +2,7 @@
 
 o200k_harmony is o200k_base (ranks 0..199997) plus the Harmony special tokens at fixed ids, with
 reserved tokens filling the vocabulary up to the model's 201088 rows (ids from openai-harmony's
-`tiktoken_ext/public_encodings.rs`; DESIGN §4 lists the ones the renderer uses).
+`tiktoken_ext/public_encodings.rs`; docs/ARCHITECTURE.md §4 lists the ones the renderer uses).
 
 Where the vocab comes from, in order:
 1. `$TIKTOKEN_ENCODINGS_BASE/o200k_base.tiktoken` (the variable openai-harmony reads);

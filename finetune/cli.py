@@ -1,21 +1,39 @@
-"""`gptoss-ft`: the one place that parses argv. One table of subcommands; handlers import lazily so
-`gptoss-ft --help` stays fast and a subcommand pays only for what it uses."""
+"""`gptoss-ft`: the one place that parses argv. One table of subcommands; option choices come from
+the library modules that implement them (`data.formats.FORMATS`, `model.lora.TARGETS`, ...), and
+each handler imports what only it needs."""
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 from collections.abc import Callable
 
+from data import DataError
+from data.formats import FORMATS as DATA_FORMATS
+from data.harmony import LOSS_ON, REASONING_EFFORTS
+from data.pipeline import ON_ERROR
+from model.checkpoint import LAYOUTS, CheckpointError
+from model.config import PRESETS
+from model.config import ConfigError as ModelConfigError
+from model.experts import EXPERT_FORMATS
+
+from .config import METHODS, ConfigError
+from .export import FORMATS as EXPORT_FORMATS
+from .export import REQUANT
+from .plan import DEVICES, PlanError
+from .run import RunError
+
 
 def _init_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--preset", default="tiny", help="tiny, gpt-oss-20b or gpt-oss-120b (default: tiny)")
+    # no argparse choices: the library's error suggests the closest preset
+    p.add_argument("--preset", default="tiny", help=f"{', '.join(PRESETS)} (default: tiny)")
     p.add_argument("--out", required=True, help="directory to write (replaced atomically if it exists)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--layout", choices=("hf", "original"), default="hf")
-    p.add_argument("--experts", choices=("mxfp4", "dense"), default="mxfp4",
-                   help="store experts as MXFP4 blocks/scales (as released) or dense bf16")
+    p.add_argument("--layout", choices=LAYOUTS, default="hf")
+    p.add_argument("--experts", choices=EXPERT_FORMATS, default="mxfp4",
+                   help="store experts as MXFP4 blocks/scales (as released) or dequantized bf16")
 
 
 def _init(args: argparse.Namespace) -> int:
@@ -29,31 +47,73 @@ def _init(args: argparse.Namespace) -> int:
 
 def _render_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("file", help="a local JSON/JSONL/Parquet/CSV file or folder, or a hub dataset id")
-    p.add_argument("--format", default="auto",
-                   help="harmony, messages, openai, prompt_completion, sharegpt or auto (default)")
+    p.add_argument("--format", default="auto", choices=("auto", *DATA_FORMATS),
+                   help="row format (default: auto, decided from the first row)")
     p.add_argument("--jsonl", action="store_true",
                    help='one {"input_ids": [...], "loss_mask": [...]} per example on stdout, in input order')
     p.add_argument("--no-split-turns", action="store_true",
                    help="one example per row (its last assistant turn) instead of one per assistant turn")
-    p.add_argument("--loss-on", choices=("last_turn", "final_only", "all_assistant"), default="last_turn")
-    p.add_argument("--on-error", choices=("raise", "skip"), default="raise")
-    p.add_argument("--reasoning-effort", choices=("low", "medium", "high"), default=None)
+    p.add_argument("--loss-on", choices=LOSS_ON, default="last_turn")
+    p.add_argument("--on-error", choices=ON_ERROR, default="raise")
+    p.add_argument("--reasoning-effort", choices=REASONING_EFFORTS, default=None)
     p.add_argument("--split", default="train", help="dataset split for hub ids (default: train)")
     p.add_argument("--limit", type=int, default=None, help="human view: show only the first N examples")
 
 
 def _render(args: argparse.Namespace) -> int:
-    from data.pipeline import render_command
+    """Examples as JSONL on stdout, or a human view with trained spans highlighted."""
+    from data import load_examples
 
-    return render_command(args)
+    examples, report = load_examples(
+        args.file, args.format, split=args.split, on_error=args.on_error, split_turns=not args.no_split_turns,
+        loss_on=args.loss_on, reasoning_effort=args.reasoning_effort,
+    )
+    try:
+        if args.jsonl:
+            write = sys.stdout.write
+            for e in examples:
+                write(json.dumps({"input_ids": e.input_ids, "loss_mask": e.loss_mask}) + "\n")
+            sys.stdout.flush()
+        else:
+            _show_examples(examples, args.limit)
+    except BrokenPipeError:  # `| head` closed the pipe: not an error
+        sys.stdout = open(os.devnull, "w")
+    print(report, file=sys.stderr)
+    for message in report.first_errors.values():
+        print(f"  first skipped: {message}", file=sys.stderr)
+    return 0
 
 
-def _not_yet(issue: int) -> Callable[[argparse.Namespace], int]:
-    def handler(args: argparse.Namespace) -> int:
-        print(f"gptoss-ft {args.command}: not yet implemented (tracked in issue {issue}).", file=sys.stderr)
-        return 2
+def _show_examples(examples, limit: int | None) -> None:
+    """One rule per example, then its text: trained tokens green, special tokens cyan, one message per line."""
+    from rich.console import Console
+    from rich.text import Text
 
-    return handler
+    from data.tokenizer import CALL, END, RETURN, STARTOFTEXT, get_tokenizer
+
+    tok = get_tokenizer()
+    console = Console(highlight=False)
+    for k, e in enumerate(examples[:limit] if limit is not None else examples):
+        trained = sum(e.loss_mask)
+        console.rule(f"example {k} (row {e.row}): {len(e)} tokens, {trained} trained", style="dim")
+        text = Text()
+        start = 0
+        for i in range(1, len(e) + 1):  # spans of equal mask and kind (special or not), cut after each message
+            ends_message = e.input_ids[i - 1] in (END, RETURN, CALL)
+            if (i < len(e) and not ends_message and e.loss_mask[i] == e.loss_mask[start]
+                    and (e.input_ids[i] >= STARTOFTEXT) == (e.input_ids[start] >= STARTOFTEXT)):
+                continue
+            piece = tok.decode(e.input_ids[start:i])
+            special = e.input_ids[start] >= STARTOFTEXT
+            style = ("bold green" if e.loss_mask[start] else "") + (" cyan" if special else "")
+            text.append(piece, style=style.strip() or None)
+            if ends_message and i < len(e):
+                text.append("\n")  # one message per line; the tokens have no newline here
+            start = i
+        console.print(text, soft_wrap=True)
+    if limit is not None and len(examples) > limit:
+        console.print(f"... {len(examples) - limit} more examples (raise --limit to see them)", style="dim")
+    console.print("[green bold]green[/]: trained tokens (loss mask 1); [cyan]cyan[/]: special tokens", style="dim")
 
 
 def _train_args(p: argparse.ArgumentParser) -> None:
@@ -71,16 +131,16 @@ def _train(args: argparse.Namespace) -> int:
 
 def _export_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("run_dir", help="a run directory written by `gptoss-ft train` (gguf: or a checkpoint directory)")
-    p.add_argument("--format", choices=("adapter", "merged", "mxfp4", "gguf"), required=True,
+    p.add_argument("--format", choices=EXPORT_FORMATS, required=True,
                    help="adapter: PEFT directory + README; merged: bf16 HF checkpoint with the LoRA folded in; "
                         "mxfp4: merged, experts requantized to MXFP4 (unchanged experts byte-identical); "
                         "gguf: the mxfp4 model as one GGUF file for llama.cpp/Ollama/LM Studio, Modelfile beside it")
     p.add_argument("--out", required=True,
                    help="directory to write (replaced atomically if it exists); gguf: a FILE.gguf")
     p.add_argument("--base", default=None, help="base model path (default: the run's model.path)")
-    p.add_argument("--layout", choices=("hf", "original"), default="hf",
+    p.add_argument("--layout", choices=LAYOUTS, default="hf",
                    help="original: OpenAI's layout (mxfp4 only)")
-    p.add_argument("--requant", choices=("gptq", "nearest"), default="gptq",
+    p.add_argument("--requant", choices=REQUANT, default="gptq",
                    help="mxfp4: error-aware GPTQ rounding on calibration tokens (default) or plain nearest")
     p.add_argument("--calib-tokens", type=int, default=2048, help="mxfp4/gptq: training tokens to calibrate on")
     p.add_argument("--calib-data", default=None, help="mxfp4/gptq: calibration data (default: the run's data.train)")
@@ -89,17 +149,12 @@ def _export_args(p: argparse.ArgumentParser) -> None:
 def _export(args: argparse.Namespace) -> int:
     from .export import export
 
-    if args.format == "gguf":
-        from .gguf import export_gguf
-
-        g = export_gguf(args.run_dir, args.out, base=args.base, requant=args.requant, calib_tokens=args.calib_tokens,
-                        calib_data=args.calib_data)
-        print(f"wrote {g.path} ({g.tensors} tensors; {g.experts_copied} expert projections copied, "
-              f"{g.experts_requantized} requantized) and {g.modelfile}")
-        return 0
-
     r = export(args.run_dir, args.format, args.out, base=args.base, layout=args.layout, requant=args.requant,
                calib_tokens=args.calib_tokens, calib_data=args.calib_data)
+    if args.format == "gguf":
+        print(f"wrote {r.path} ({r.tensors} tensors; {r.experts_copied} expert projections copied, "
+              f"{r.experts_requantized} requantized) and {r.modelfile}")
+        return 0
     detail = ""
     if args.format == "mxfp4":
         detail = (f"; {r.experts_copied} expert projections copied from the base, {r.experts_requantized} "
@@ -111,11 +166,12 @@ def _export(args: argparse.Namespace) -> int:
 def _plan_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", help="gpt-oss-20b, gpt-oss-120b (or their hub ids), or a checkpoint directory")
     p.add_argument("--config", help="a training config: plan it as `gptoss-ft train` would run it (flags override)")
-    p.add_argument("--method", choices=("lora", "full"), default=None, help="default lora")
+    p.add_argument("overrides", nargs="*", help="with --config: dotted key=value overrides, e.g. lora.targets=[attention]")
+    p.add_argument("--method", choices=METHODS, default=None, help="default lora")
     p.add_argument("--seq-len", type=int, default=None, help="default 2048")
     p.add_argument("--batch-size", type=int, default=None, help="default 1")
     p.add_argument("--gpus", type=int, default=1)
-    p.add_argument("--device", choices=("cpu", "cuda"), default="cuda",
+    p.add_argument("--device", choices=DEVICES, default="cuda",
                    help="cuda: GPU memory per device; cpu: the peak RSS of a CPU run (fp32)")
     p.add_argument("--gradient-checkpointing", action="store_true", help="recompute each layer in backward")
     p.add_argument("--lora-r", type=int, default=None, help="LoRA rank (attention + experts), default 16")
@@ -129,15 +185,26 @@ def _plan_args(p: argparse.ArgumentParser) -> None:
 
 
 def _plan(args: argparse.Namespace) -> int:
-    from .plan import command
+    from .plan import plan_run, render_table
 
-    return command(args)
+    if args.overrides and not args.config:
+        raise PlanError("key=value overrides apply to --config")
+    p = plan_run(config=args.config, overrides=args.overrides, fit_gib=args.fit, model=args.model,
+                 method=args.method, seq_len=args.seq_len, batch_size=args.batch_size,
+                 gradient_checkpointing=args.gradient_checkpointing or None, lora_r=args.lora_r,
+                 offload_experts=args.offload_experts, offload_embeddings=False if args.no_offload_embeddings else None,
+                 gpus=args.gpus, device=args.device)
+    if args.json:
+        print(json.dumps(p.to_dict(), indent=2))
+    else:
+        render_table(p)
+    return 0
 
 
 def _chat_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("model", help="a run directory, or a checkpoint directory / hub id")
     p.add_argument("--adapter", default=None, help="a PEFT adapter directory to put on the model")
-    p.add_argument("--reasoning", choices=("low", "medium", "high"), default="medium", help="reasoning effort")
+    p.add_argument("--reasoning", choices=REASONING_EFFORTS, default="medium", help="reasoning effort")
     p.add_argument("--prompt", default=None, help="answer this one message and exit (default: interactive)")
     p.add_argument("--system", default=None,
                    help="instructions, as a `system` row of the messages format (a Harmony developer message)")
@@ -209,25 +276,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _user_errors() -> tuple[type[BaseException], ...]:
     """Errors that are the input's fault: printed as one line, no traceback."""
-    from model.checkpoint import CheckpointError
-    from model.config import ConfigError
-
-    from .config import ConfigError as TrainConfigError
     from .state import StateError
     from .trainer import TrainingError
 
-    from .export import ExportError
-    from .plan import PlanError
-
-    errors: list[type[BaseException]] = [CheckpointError, ConfigError, TrainConfigError, StateError, TrainingError,
-                                          ExportError, PlanError, FileNotFoundError, PermissionError, IsADirectoryError]
-    try:
-        from data import DataError
-
-        errors.append(DataError)
-    except ImportError:
-        pass
-    return tuple(errors)
+    return (CheckpointError, ModelConfigError, ConfigError, DataError, StateError, TrainingError, RunError, PlanError,
+            FileNotFoundError, PermissionError, IsADirectoryError)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -19,6 +19,17 @@ from typing import Any, Literal
 
 import yaml
 
+from data.formats import FORMATS as DATA_FORMATS
+from data.harmony import LOSS_ON, REASONING_EFFORTS
+from data.pipeline import ON_ERROR, TRUNCATION
+from model.experts import EXPERT_FORMATS
+from model.lora import TARGETS as LORA_TARGETS
+
+from .export import FORMATS as EXPORT_FORMATS
+
+METHODS = ("lora", "full")
+"""lora: adapters on a frozen base; full: every weight trains (needs model.experts: dequantized)."""
+
 
 class ConfigError(ValueError):
     """A training config that cannot run; the message names the key (and file)."""
@@ -28,7 +39,7 @@ class ConfigError(ValueError):
 class ModelSection:
     path: str
     """HF-format directory (MXFP4 or bf16), original-format directory, or hub id."""
-    experts: Literal["mxfp4", "dequantized"] = "mxfp4"
+    experts: Literal[EXPERT_FORMATS] = "mxfp4"
     """mxfp4: experts stay frozen in MXFP4 and are decoded on the fly (LoRA only); dequantized: dense experts."""
     dtype: Literal["auto", "float32", "bfloat16"] = "auto"
     """Weights and compute dtype; auto = bfloat16 on GPU, float32 on CPU."""
@@ -57,20 +68,21 @@ class DataSection:
     """Held-out data in the same form; when absent, `eval_fraction` of train is held out."""
     eval_fraction: float = 0.0
     """Fraction of the training rows held out for eval when `eval` is not given (seeded)."""
-    format: Literal["auto", "harmony", "messages", "openai", "prompt_completion", "sharegpt"] = "auto"
+    format: Literal[("auto", *DATA_FORMATS)] = "auto"
+    """Row format (`data.formats`); auto decides from the first row."""
     max_seq_len: int = 2048
     """Longest example, in tokens; also the packed row length."""
-    truncation: Literal["drop", "truncate"] = "drop"
+    truncation: Literal[TRUNCATION] = "drop"
     """What happens to longer examples (counted and reported either way)."""
     packing: bool = True
     """Pack several examples into each row of max_seq_len (attention never crosses examples)."""
     split_turns: bool = True
     """One example per assistant turn (every turn's reasoning is trained) instead of one per row."""
-    loss_on: Literal["last_turn", "final_only", "all_assistant"] = "last_turn"
+    loss_on: Literal[LOSS_ON] = "last_turn"
     """Which tokens are trained; all_assistant also trains earlier finals that end in <|end|> (risky)."""
-    reasoning_effort: Literal["low", "medium", "high"] | None = None
+    reasoning_effort: Literal[REASONING_EFFORTS] | None = None
     """Default reasoning effort in the system message when a row does not set one."""
-    on_error: Literal["raise", "skip"] = "raise"
+    on_error: Literal[ON_ERROR] = "raise"
     """Bad rows stop the run (naming file and line), or are skipped and counted per reason."""
     split: str = "train"
     """Split of a hub dataset to read for training."""
@@ -82,8 +94,10 @@ class LoraSection:
     alpha: float = 32.0
     """LoRA scale is alpha / r."""
     dropout: float = 0.0
-    targets: tuple[Literal["attention", "experts", "router"], ...] = ("attention", "experts")
+    targets: tuple[Literal[LORA_TARGETS], ...] = ("attention", "experts")
     """Which weights get adapters: attention (q, k, v, o), experts (gate_up, down; per expert), router."""
+    use_rslora: bool = False
+    """rsLoRA (arXiv:2312.03732): scale alpha / sqrt(r) instead of alpha / r, so higher ranks keep learning."""
 
 
 @dataclass(frozen=True)
@@ -146,9 +160,9 @@ class EvaluateSection:
 
 @dataclass(frozen=True)
 class ExportSection:
-    formats: tuple[Literal["adapter", "merged", "mxfp4"], ...] = ()
-    """Exports written to output_dir/export/FORMAT after training; merged and mxfp4 are also
-    measured with evaluate.generate (`merged_accuracy`, `mxfp4_accuracy`)."""
+    formats: tuple[Literal[EXPORT_FORMATS], ...] = ()
+    """Exports written to output_dir/export/FORMAT after training (gguf: export/gguf/model.gguf);
+    merged and mxfp4 are also measured with evaluate.generate (`merged_accuracy`, `mxfp4_accuracy`)."""
 
 
 @dataclass(frozen=True)
@@ -157,7 +171,7 @@ class Config:
     data: DataSection
     output_dir: str
     """Where config.yaml, metrics.jsonl, checkpoints/ and adapter/ or model/ are written."""
-    method: Literal["lora", "full"] = "lora"
+    method: Literal[METHODS] = "lora"
     lora: LoraSection = field(default_factory=LoraSection)
     train: TrainSection = field(default_factory=TrainSection)
     wandb: WandbSection = field(default_factory=WandbSection)
@@ -166,7 +180,6 @@ class Config:
 
     def to_dict(self) -> dict[str, Any]:
         return _plain(dataclasses.asdict(self))
-
 
 def _plain(x: Any) -> Any:
     if isinstance(x, dict):
@@ -290,10 +303,11 @@ def _looks_local(path: str) -> bool:
     return path.startswith((".", "/", "~")) or path.count("/") != 1 or Path(path).suffix != ""
 
 
-def check(cfg: Config) -> None:
-    """What can be known before any work starts: impossible combinations and missing inputs."""
+def check(cfg: Config, *, paths: bool = True) -> None:
+    """What can be known before any work starts: impossible combinations and (with `paths`) missing inputs."""
     check_combinations(cfg)
-    check_paths(cfg)
+    if paths:
+        check_paths(cfg)
 
 
 def check_combinations(cfg: Config) -> None:
@@ -348,12 +362,12 @@ def check_paths(cfg: Config) -> None:
             raise ConfigError(f"{key}: no such file or directory {path!r}")
 
 
-def from_dict(d: dict[str, Any], overrides: list[str] = ()) -> Config:
+def from_dict(d: dict[str, Any], overrides: list[str] = (), *, check_paths: bool = True) -> Config:
     d = copy.deepcopy(d)
     for o in overrides:
         apply_override(d, o)
     cfg = _build(Config, d)
-    check(cfg)
+    check(cfg, paths=check_paths)
     return cfg
 
 
@@ -375,4 +389,5 @@ def load(path: str | Path, overrides: list[str] = ()) -> Config:
 
 
 def dump(cfg: Config) -> str:
+    """The config as a run's `config.yaml` holds it; `from_dict(yaml.safe_load(...))` reads it back."""
     return yaml.safe_dump(cfg.to_dict(), sort_keys=False)

@@ -7,20 +7,22 @@
 
 A completion is what the model writes after the harness's `<|start|>assistant`: messages such as
 `<|channel|>analysis<|message|>...<|end|><|start|>assistant<|channel|>final<|message|>...<|return|>`.
-Generation stops on `<|return|>` or `<|call|>` (DESIGN §4); `<|end|>` only ends one message.
+Generation stops on `<|return|>` or `<|call|>` (docs/ARCHITECTURE.md §4); `<|end|>` only ends one message.
 """
 
 from __future__ import annotations
 
-import json
 import re
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
 
+import data as datalib
+import model as modellib
 from data.tokenizer import CALL, CHANNEL, END, MESSAGE, RETURN, START, get_tokenizer
 from model import KVCache
+
+from .run import RunDir, attach_adapter
 
 STOP_IDS = (RETURN, CALL)
 
@@ -55,8 +57,6 @@ def _sample(logits: torch.Tensor, temperature: float, generator: torch.Generator
 def chat_prompt(messages: list[dict], *, reasoning_effort: str | None = None) -> list[int]:
     """Token ids for a conversation in the `messages` row format (system -> developer instructions,
     user, assistant with optional `thinking`), ending with `<|start|>assistant` for the model to go on."""
-    import data as datalib
-
     row = {"messages": [*messages, {"role": "assistant", "content": "."}]}
     conv = datalib.to_conversation(row, "messages")
     ids, mask = datalib.render_examples(conv, split_turns=False, reasoning_effort=reasoning_effort)[-1]
@@ -154,40 +154,21 @@ def load_for_inference(model_or_run: str, *, adapter: str | None = None, dtype: 
                        device: str | None = None):
     """A model ready to generate: a run directory (its base + adapter/, or its model/), or a checkpoint
     directory / hub id with an optional PEFT adapter directory. Experts stay MXFP4 when stored so."""
-    import yaml
-
-    import model as modellib
-
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = dtype or (torch.bfloat16 if device != "cpu" else torch.float32)
-    path = Path(model_or_run)
-    if (path / "config.yaml").is_file() and not (path / "config.json").is_file():  # a run directory
-        cfg = yaml.safe_load((path / "config.yaml").read_text()) or {}
-        if cfg.get("method") == "full":
-            path = path / "model"
+    path = model_or_run
+    if RunDir.is_run(model_or_run):
+        run = RunDir(model_or_run)
+        weights = run.trained_weights()
+        if run.config.method == "full":
+            path = weights
         else:
-            adapter = adapter or str(path / "adapter")
-            path = Path(cfg["model"]["path"])
+            adapter = adapter or weights
+            path = run.config.model.path
     m = modellib.from_pretrained(str(path), dtype=dtype, experts="mxfp4", device=device)
     if adapter is not None:
-        load_adapter(m, adapter)
+        attach_adapter(m, adapter)
     m.eval()
     for p in m.parameters():
         p.requires_grad_(False)
     return m
-
-
-def load_adapter(m, adapter_dir) -> None:
-    """Attach a PEFT adapter written by gptoss-ft (or PEFT on transformers' GptOss) to our model."""
-    from safetensors.torch import load_file
-
-    import model as modellib
-
-    adapter_dir = Path(adapter_dir)
-    acfg = json.loads((adapter_dir / "adapter_config.json").read_text())
-    params = acfg.get("target_parameters") or []
-    targets = (["attention"] if acfg.get("target_modules") else []) + \
-        (["experts"] if any("experts" in p for p in params) else []) + \
-        (["router"] if any("router" in p for p in params) else [])
-    modellib.add_lora(m, r=acfg["r"], alpha=acfg["lora_alpha"], targets=tuple(targets))
-    modellib.load_lora_state_dict(m, load_file(str(adapter_dir / "adapter_model.safetensors")))

@@ -16,10 +16,11 @@ checked by loading the file in llama.cpp, scripts/check_gguf_llamacpp.py):
   codes and scales, but scales in their own tensor and byte j holding weights 2j (low) and 2j+1
   (high). Repacking is exact: codes and scale bytes are unchanged, only moved.
 
-Streaming: the tensor directory is written first from the config alone (names, types, shapes), then
-the tensors in that order as `export`'s merged-tensor generator produces them one layer at a time;
-a layer's tensors are dropped once written. Unchanged experts keep the base's MXFP4 bytes; experts
-training changed are requantized the way `--format mxfp4` does it.
+Streaming: the tensor directory is written first from the config alone (names and types; shapes
+from the checkpoint's tensor list for that config, `expected_shapes`), then the tensors in that
+order as `finetune.merge.merged_tensors` produces them one layer at a time; a layer's tensors are
+dropped once written. Unchanged experts keep the base's MXFP4 bytes; experts training changed are
+requantized the way `--format mxfp4` does it.
 """
 
 from __future__ import annotations
@@ -34,10 +35,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from model.checkpoint import Checkpoint
+from model.checkpoint import expected_shapes
 from model.config import GptOssConfig
 
-from .export import ExportError, ExportReport, Run, merged_tensors, open_run
+from .merge import ExportReport, merged_tensors
+from .run import ExportError, Run, RunDir, open_run
 
 ARCH = "gpt-oss"
 MXFP4_BLOCK_BYTES = 17  # one E8M0 scale + 16 bytes of nibbles per 32 weights
@@ -94,43 +96,58 @@ def _experts(proj: str, rows: slice | None) -> Callable[[dict[str, torch.Tensor]
     return make
 
 
+# llama.cpp's names (see the module docstring), in file order: (GGUF name, HF name, kind); "model.layers.N." and
+# "blk.N." prefix the per-layer ones. Biases without `attention_bias` and lm_head with tied embeddings
+# are not in the checkpoint's tensor list and so not in the file.
+_GLOBAL_TENSORS = (("token_embd.weight", "model.embed_tokens.weight", "bf16"),
+                   ("output_norm.weight", "model.norm.weight", "f32"),
+                   ("output.weight", "lm_head.weight", "bf16"))
+_LAYER_TENSORS = (("attn_norm.weight", "input_layernorm.weight", "f32"),
+                  ("attn_q.weight", "self_attn.q_proj.weight", "bf16"),
+                  ("attn_q.bias", "self_attn.q_proj.bias", "f32"),
+                  ("attn_k.weight", "self_attn.k_proj.weight", "bf16"),
+                  ("attn_k.bias", "self_attn.k_proj.bias", "f32"),
+                  ("attn_v.weight", "self_attn.v_proj.weight", "bf16"),
+                  ("attn_v.bias", "self_attn.v_proj.bias", "f32"),
+                  ("attn_output.weight", "self_attn.o_proj.weight", "bf16"),
+                  ("attn_output.bias", "self_attn.o_proj.bias", "f32"),
+                  ("attn_sinks.weight", "self_attn.sinks", "f32"),
+                  ("post_attention_norm.weight", "post_attention_layernorm.weight", "f32"),
+                  ("ffn_gate_inp.weight", "mlp.router.weight", "f32"),
+                  ("ffn_gate_inp.bias", "mlp.router.bias", "f32"))
+# (GGUF name, HF expert projection, its rows): HF interleaves gate (even) and up (odd) rows.
+_EXPERT_TENSORS = (("ffn_gate_exps", "gate_up_proj", slice(0, None, 2)),
+                   ("ffn_up_exps", "gate_up_proj", slice(1, None, 2)),
+                   ("ffn_down_exps", "down_proj", None))
+
+
+def _rows_taken(shape: tuple[int, ...], rows: slice | None) -> tuple[int, ...]:
+    """An experts tensor's `shape` `[E, out, ...]` once only `rows` of its out dim are kept."""
+    return shape if rows is None else (shape[0], len(range(shape[1])[rows]), *shape[2:])
+
+
 def tensor_plan(config: GptOssConfig) -> list[Entry]:
-    """Every tensor of the GGUF, in file order (the order `export`'s generator produces its sources)."""
-    c = config
-    h, i, e, hd = c.hidden_size, c.intermediate_size, c.num_local_experts, c.head_dim
-    q, kv = c.num_attention_heads * hd, c.num_key_value_heads * hd
-    gate, up = slice(0, None, 2), slice(1, None, 2)  # HF interleaves gate (even) and up (odd) rows
-    plan = [Entry("token_embd.weight", ("model.embed_tokens.weight",), "bf16", (c.vocab_size, h),
-                  _take("model.embed_tokens.weight")),
-            Entry("output_norm.weight", ("model.norm.weight",), "f32", (h,), _take("model.norm.weight"))]
-    if not c.tie_word_embeddings:
-        plan.append(Entry("output.weight", ("lm_head.weight",), "bf16", (c.vocab_size, h), _take("lm_head.weight")))
-    for layer in range(c.num_hidden_layers):
+    """Every tensor of the GGUF, in file order (the order `merged_tensors` produces its sources)."""
+    shapes = expected_shapes(config, experts="mxfp4")
+    plan = []
+
+    def take(name: str, source: str, kind: str) -> None:
+        if source in shapes:
+            plan.append(Entry(name, (source,), kind, shapes[source], _take(source)))
+
+    for name, source, kind in _GLOBAL_TENSORS:
+        take(name, source, kind)
+    for layer in range(config.num_hidden_layers):
         hf, blk = f"model.layers.{layer}.", f"blk.{layer}."
-
-        def add(name: str, source: str, kind: str, shape: tuple[int, ...], make=None) -> None:
-            plan.append(Entry(blk + name, (hf + source,), kind, shape, make or _take(hf + source)))
-
-        add("attn_norm.weight", "input_layernorm.weight", "f32", (h,))
-        for gg, proj, rows in (("attn_q", "q_proj", q), ("attn_k", "k_proj", kv), ("attn_v", "v_proj", kv)):
-            add(gg + ".weight", f"self_attn.{proj}.weight", "bf16", (rows, h))
-            if c.attention_bias:
-                add(gg + ".bias", f"self_attn.{proj}.bias", "f32", (rows,))
-        add("attn_output.weight", "self_attn.o_proj.weight", "bf16", (h, q))
-        if c.attention_bias:
-            add("attn_output.bias", "self_attn.o_proj.bias", "f32", (h,))
-        add("attn_sinks.weight", "self_attn.sinks", "f32", (c.num_attention_heads,))
-        add("post_attention_norm.weight", "post_attention_layernorm.weight", "f32", (h,))
-        add("ffn_gate_inp.weight", "mlp.router.weight", "f32", (e, h))
-        add("ffn_gate_inp.bias", "mlp.router.bias", "f32", (e,))
-        x = hf + "mlp.experts."
-        for gg, proj, rows, out, inp in (("ffn_gate_exps", "gate_up_proj", gate, i, h),
-                                          ("ffn_up_exps", "gate_up_proj", up, i, h),
-                                          ("ffn_down_exps", "down_proj", None, h, i)):
-            plan.append(Entry(blk + gg + ".weight", (x + proj + "_blocks", x + proj + "_scales"), "mxfp4",
-                              (e, out, inp // 32 * MXFP4_BLOCK_BYTES), _experts(x + proj, rows)))
-            plan.append(Entry(blk + gg + ".bias", (x + proj + "_bias",), "f32", (e, out),
-                              _take(x + proj + "_bias", rows)))
+        for name, source, kind in _LAYER_TENSORS:
+            take(blk + name, hf + source, kind)
+        for name, proj, rows in _EXPERT_TENSORS:
+            x = hf + "mlp.experts." + proj
+            *lead, groups, _ = _rows_taken(shapes[x + "_blocks"], rows)  # [E, out, G, 16]
+            plan.append(Entry(blk + name + ".weight", (x + "_blocks", x + "_scales"), "mxfp4",
+                              (*lead, groups * MXFP4_BLOCK_BYTES), _experts(x, rows)))
+            plan.append(Entry(blk + name + ".bias", (x + "_bias",), "f32", _rows_taken(shapes[x + "_bias"], rows),
+                              _take(x + "_bias", rows)))
     return plan
 
 
@@ -335,11 +352,10 @@ def export_gguf(source, out, *, base: str | None = None, requant: str = "gptq", 
     source, out = Path(source), Path(out)
     if out.suffix != ".gguf":
         raise ExportError(f"{out}: the GGUF output should be a file name ending in .gguf")
-    if (source / "config.yaml").is_file():
+    if RunDir.is_run(source):
         run = open_run(source, base)
     elif (source / "config.json").is_file() or (source / "original").is_dir():
-        ckpt = Checkpoint(source)
-        run = Run(path=source, method="full", base=ckpt, tuned=None, adapter_dir=None)
+        run = Run.of_checkpoint(source)
         requant = "nearest"  # nothing was trained: experts are copied (or quantized once, if dense)
     else:
         raise ExportError(f"{source}: neither a run directory (config.yaml) nor a checkpoint (config.json)")

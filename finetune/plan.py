@@ -1,7 +1,9 @@
 """`gptoss-ft plan`: per-device peak memory of a fine-tuning run, before running it.
 
 The figures count what our trainer actually holds (model/modeling.py, model/experts.py,
-finetune/trainer.py), term by term:
+finetune/trainer.py), term by term. Parameters and buffers are counted on the module tree itself: the
+model built on the meta device (no memory), with the adapters `add_lora` attaches for the LoRA
+targets, its named parameters and buffers sorted by role (`_counts`):
 
 - weights: attention, router, norms, embeddings and lm_head in the model dtype (bf16 on CUDA, fp32 on
   CPU: the trainer's `dtype: auto`); experts as MXFP4 uint8 blocks (half a byte a value) + one scale
@@ -9,7 +11,8 @@ finetune/trainer.py), term by term:
   LoRA on one GPU keeps the frozen input embedding in CPU memory (`model.offload_embeddings`, on by
   default) and, with `model.offload_experts: N`, the MXFP4 experts of N layers (`--offload-experts`;
   `--fit GIB` finds the fewest layers that fit).
-- trainable parameters, their gradients and AdamW's m and v. LoRA adapters train in fp32 (the
+- trainable parameters, their gradients and AdamW's m and v: for LoRA the adapters of the configured
+  targets only (`lora.targets`: attention, experts, router). LoRA adapters train in fp32 (the
   trainer upcasts them), so they are their own master copy; full fine-tuning trains the model-dtype
   weights directly and torch's AdamW keeps m and v in that dtype (no separate fp32 master copy).
   AdamW runs fused on CUDA and per tensor on CPU, so its step adds no state-sized temporary and the
@@ -22,21 +25,34 @@ finetune/trainer.py), term by term:
 - framework: Python + torch + accelerate + datasets + the tokenizer (CPU, measured), or the CUDA
   context and cuBLAS workspaces (CUDA).
 
-`--config FILE` plans a training config as the trainer will run it. FSDP over N GPUs (`--gpus`) divides parameters, gradients and optimizer state by N and adds one
-layer's unsharded parameters (the all-gather in flight). FSDP shards parameters only: frozen MXFP4
-experts are buffers, so every GPU holds all of them.
+`--config FILE` plans a training config as the trainer will run it (its LoRA targets included). FSDP
+over N GPUs (`--gpus`) divides parameters, gradients and optimizer state by N and adds one layer's
+unsharded base weights (the all-gather in flight). FSDP shards parameters only: frozen MXFP4 experts
+are buffers, so every GPU holds all of them.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import json
+from collections import Counter
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import MappingProxyType
+
+from torch import nn
 
 from model.config import PRESETS, GptOssConfig
+from model.lora import TARGETS, add_lora, is_lora_name
 from model.modeling import GptOssForCausalLM
 
+from . import config as cfglib
+
 GIB = 2 ** 30
+DEVICES = ("cpu", "cuda")
+"""cuda: GPU memory per device; cpu: the peak RSS of a CPU run (fp32)."""
 
 
 class PlanError(ValueError):
@@ -95,20 +111,54 @@ def load_config(name_or_path: "str | GptOssConfig") -> GptOssConfig:
     raise FileNotFoundError(f"{name_or_path}: not a preset ({', '.join(PRESETS)}) nor a directory with config.json")
 
 
-def _counts(c: GptOssConfig, r: int) -> dict[str, int]:
-    """Parameter (value) counts by role; LoRA counts for attention + experts at rank r."""
-    h, d, nh, nkv, e, i = (c.hidden_size, c.head_dim, c.num_attention_heads, c.num_key_value_heads,
-                           c.num_local_experts, c.intermediate_size)
-    q, kv = nh * d, nkv * d
-    attn = h * q + q + 2 * (h * kv + kv) + q * h + h + nh  # q, k, v, o with biases, sinks
-    per_layer_dense = attn + 2 * h + e * h + e + e * 2 * i + e * h  # + norms, router, expert biases
-    lora_attn = r * ((h + q) + 2 * (h + kv) + (q + h))
-    lora_experts = r * e * (h + 2 * i) + r * e * (i + h)
-    embeddings = c.vocab_size * h * (1 if c.tie_word_embeddings else 2)
-    return {"dense": c.num_hidden_layers * per_layer_dense + embeddings + h,
-            "embeddings": embeddings, "layer_dense": per_layer_dense,
-            "experts": c.num_hidden_layers * e * 3 * i * h, "layer_experts": e * 3 * i * h,
-            "lora": c.num_hidden_layers * (lora_attn + lora_experts)}
+# How plan()'s note names each LoRA target.
+_TARGET_NOTES = {"attention": "attention (q, k, v, o)", "experts": "every expert (gate_up, down)",
+                 "router": "the router"}
+
+
+def _role(name: str) -> str:
+    """The role of a parameter of GptOssForCausalLM (or of one of its decoder layers), by its name:
+    lora (adapters), embedding (the input table, which the trainer can offload), experts (dense
+    expert weights), or dense (every other weight in the model dtype: attention, sinks, router,
+    norms, expert biases, lm_head)."""
+    if is_lora_name(name):
+        return "lora"
+    if name == "model.embed_tokens.weight":
+        return "embedding"
+    if name.endswith(("mlp.experts.gate_up_proj", "mlp.experts.down_proj")):
+        return "experts"
+    return "dense"
+
+
+def _tally(module: nn.Module) -> Counter:
+    """Parameter values by `_role`, and bytes of buffers as "mxfp4": the model's only buffers are the
+    frozen experts' MXFP4 blocks and scales (uint8). Tied weights count once (named_parameters
+    yields a shared parameter once)."""
+    n = Counter()
+    for name, p in module.named_parameters():
+        n[_role(name)] += p.numel()
+    for b in module.buffers():
+        n["mxfp4"] += b.numel() * b.element_size()
+    return n
+
+
+@functools.lru_cache(maxsize=None)
+def _module_counts(config_json: str, experts: str, lora_r: int, lora_targets: tuple[str, ...]) -> Mapping[str, int]:
+    # Keyed by the config's JSON: GptOssConfig holds dicts, so it is not hashable. fit() plans the
+    # same model once per offloaded layer count; the meta model is built once.
+    m = GptOssForCausalLM(GptOssConfig(**json.loads(config_json)), experts=experts, device="meta")
+    if lora_targets:
+        add_lora(m, r=lora_r, alpha=lora_r, targets=lora_targets)  # alpha scales updates, not shapes
+    # Every decoder layer has the same shapes, so layer 0 stands for each of them.
+    layer = {"layer_" + k: v for k, v in _tally(m.model.layers[0]).items()}
+    return MappingProxyType({**_tally(m), **layer})
+
+
+def _counts(c: GptOssConfig, experts: str, lora_r: int = 0, lora_targets: tuple[str, ...] = ()) -> Mapping[str, int]:
+    """Counts by role (see `_tally`) of the model the trainer builds, with `experts` "mxfp4" or
+    "dequantized" and LoRA of rank lora_r on lora_targets (none when empty): over the whole model,
+    and with the prefix "layer_" over one decoder layer. Roles a model lacks are absent."""
+    return _module_counts(json.dumps(dataclasses.asdict(c), sort_keys=True), experts, lora_r, lora_targets)
 
 
 def _layer_activations(c: GptOssConfig, device: str) -> int:
@@ -126,13 +176,21 @@ def _layer_activations(c: GptOssConfig, device: str) -> int:
 
 def plan(model: "str | GptOssConfig", *, method: str = "lora", seq_len: int = 2048, batch_size: int = 1, gpus: int = 1,
          device: str = "cuda", gradient_checkpointing: bool = False, lora_r: int = 16,
-         labeled_tokens: int | None = None, offload_embeddings: bool = True, offload_experts: int = 0) -> Plan:
-    """Peak memory per device. labeled_tokens: trained tokens per micro-batch (default: all).
+         lora_targets: tuple[str, ...] = ("attention", "experts"), labeled_tokens: int | None = None,
+         offload_embeddings: bool = True, offload_experts: int = 0) -> Plan:
+    """Peak memory per device. lora_targets: the config's `lora.targets` (attention, experts, router).
+    labeled_tokens: trained tokens per micro-batch (default: all).
     offload_embeddings / offload_experts: the trainer's `model.offload_*` (LoRA on one GPU only)."""
-    if method not in ("lora", "full"):
-        raise PlanError(f"method must be lora or full, got {method!r}")
-    if device not in ("cpu", "cuda"):
-        raise PlanError(f"device must be cpu or cuda, got {device!r}")
+    if method not in cfglib.METHODS:
+        raise PlanError(f"method must be one of {', '.join(cfglib.METHODS)}, got {method!r}")
+    if method == "lora":
+        if unknown := sorted(set(lora_targets) - set(TARGETS)):
+            raise PlanError(f"unknown LoRA targets {unknown}; choose from {', '.join(TARGETS)}")
+        if not lora_targets:
+            raise PlanError("LoRA needs at least one target")
+        lora_targets = tuple(t for t in TARGETS if t in lora_targets)  # one order: one cache entry, one note
+    if device not in DEVICES:
+        raise PlanError(f"device must be one of {', '.join(DEVICES)}, got {device!r}")
     if min(seq_len, batch_size, gpus, lora_r) < 1:
         raise PlanError("seq-len, batch-size, gpus and r must be positive")
     c = load_config(model)
@@ -147,13 +205,14 @@ def plan(model: "str | GptOssConfig", *, method: str = "lora", seq_len: int = 20
     name = model if isinstance(model, str) else "model"
     p = Plan(name, method, device, gpus, seq_len, batch_size, gradient_checkpointing, lora_r, offload_experts)
     s = 4 if device == "cpu" else 2  # model dtype: fp32 on CPU, bf16 on CUDA (trainer's dtype: auto)
-    n = _counts(c, lora_r)
+    # The trainer's models: LoRA over frozen MXFP4 experts, full fine-tuning of dense ("dequantized") ones.
+    n = _counts(c, "mxfp4", lora_r, lora_targets) if method == "lora" else _counts(c, "dequantized")
     tokens = seq_len * batch_size
     shard = gpus if device == "cuda" else 1  # FSDP shards parameters, grads and optimizer state
     h, i = c.hidden_size, c.intermediate_size
-    input_embedding = c.vocab_size * h
+    input_embedding = n["embedding"]
 
-    dense = n["dense"] - (input_embedding if embed_off else 0)
+    dense = n["dense"] + (0 if embed_off else input_embedding)
     p.breakdown["weights: attention, router, norms, lm_head" + ("" if embed_off else ", embeddings")
                 + " (model dtype)"] = dense * s // shard
     if embed_off:
@@ -162,20 +221,21 @@ def plan(model: "str | GptOssConfig", *, method: str = "lora", seq_len: int = 20
         # MXFP4: 16 bytes of blocks + 1 scale byte per 32 values; buffers, so never sharded
         on_gpu = layers - offload_experts
         p.breakdown[f"weights: experts MXFP4 blocks + scales (uint8), {on_gpu} of {layers} layers"] = \
-            n["layer_experts"] * on_gpu * 17 // 32
+            n["layer_mxfp4"] * on_gpu
         if offload_experts:
-            off_gib = n["layer_experts"] * offload_experts * 17 / 32 / GIB
+            off_gib = n["layer_mxfp4"] * offload_experts / GIB
             passes = 3 if gradient_checkpointing else 2  # forward (+ recompute) + backward
             p.notes.append(f"MXFP4 experts of {offload_experts} layers in pinned CPU memory ({off_gib:.2f} GiB), "
                            f"copied over per expert in each of {passes} passes: {off_gib * passes:.1f} GiB of PCIe "
                            "traffic per micro-batch (model.offload_experts)")
         trainable, pbytes, obytes = n["lora"], 4, 8
         p.breakdown["trainable: LoRA adapters (fp32)"] = trainable * pbytes // shard
-        p.notes.append(f"LoRA r={lora_r} on attention (q, k, v, o) and every expert (gate_up, down): "
+        *rest, last = [_TARGET_NOTES[t] for t in lora_targets]
+        p.notes.append(f"LoRA r={lora_r} on {', '.join(rest) + ' and ' if rest else ''}{last}: "
                        f"{trainable / 1e6:.1f}M trainable parameters")
     else:
         p.breakdown["weights: experts dense (model dtype, trained)"] = n["experts"] * s // shard
-        trainable, pbytes, obytes = n["dense"] + n["experts"], s, 2 * s
+        trainable, pbytes, obytes = n["embedding"] + n["dense"] + n["experts"], s, 2 * s
         p.notes.append(f"full fine-tuning: {trainable / 1e9:.2f}B trainable parameters, AdamW states in the model dtype")
     p.breakdown["gradients"] = trainable * pbytes // shard
     p.breakdown["optimizer: AdamW m and v"] = trainable * obytes // shard
@@ -218,16 +278,15 @@ def fit(budget_gib: float, model: "str | GptOssConfig", **kw) -> Plan | None:
     return None
 
 
-def config_kwargs(config) -> dict:
-    """plan()'s arguments for a training config (a path or a loaded `finetune.config.Config`): the
-    recipe's model, method, shapes and offloading (offload_experts may be "auto"; see `auto_offload`)."""
-    from . import config as cfglib
-
-    cfg = cfglib.load(config) if isinstance(config, (str, Path)) else config
+def config_kwargs(config, overrides: list[str] = ()) -> dict:
+    """plan()'s arguments for a training config (a path, with dotted `overrides` as `gptoss-ft train`
+    takes them, or a loaded `finetune.config.Config`): the recipe's model, method, shapes, LoRA
+    rank and targets, and offloading (offload_experts may be "auto"; see `auto_offload`)."""
+    cfg = cfglib.load(config, list(overrides)) if isinstance(config, (str, Path)) else config
     return dict(model=cfg.model.path, method=cfg.method, seq_len=cfg.data.max_seq_len,
                 batch_size=cfg.train.batch_size, gradient_checkpointing=cfg.model.gradient_checkpointing,
-                lora_r=cfg.lora.r, offload_embeddings=cfg.model.offload_embeddings,
-                offload_experts=cfg.model.offload_experts)
+                lora_r=cfg.lora.r, lora_targets=tuple(cfg.lora.targets),
+                offload_embeddings=cfg.model.offload_embeddings, offload_experts=cfg.model.offload_experts)
 
 
 def auto_offload(config, budget_gib: float, model: GptOssConfig | None = None) -> int:
@@ -260,35 +319,27 @@ def render_table(p: Plan) -> None:
         console.print(f"- {note}")
 
 
-def command(args) -> int:
-    kw = config_kwargs(args.config) if args.config else {}
-    if args.model:
-        kw["model"] = args.model
+def plan_run(*, config=None, overrides: list[str] = (), fit_gib: float | None = None, **given) -> Plan:
+    """What `gptoss-ft plan` shows: the plan of a training config (with `overrides`) and/or of
+    plan()'s keywords in `given` (None = not given; given ones win over the config's). With
+    `fit_gib`, the fewest offloaded expert layers that fit a GPU of that size."""
+    kw = config_kwargs(config, overrides) if config else {}
+    kw.update({k: v for k, v in given.items() if v is not None})
     if "model" not in kw:
         raise PlanError("give --model or --config")
-    given = {"method": args.method, "seq_len": args.seq_len, "batch_size": args.batch_size,
-             "gradient_checkpointing": args.gradient_checkpointing or None, "lora_r": args.lora_r,
-             "offload_experts": args.offload_experts,
-             "offload_embeddings": False if args.no_offload_embeddings else None}
-    kw.update({k: v for k, v in given.items() if v is not None})  # flags override the config
-    kw.update(gpus=args.gpus, device=args.device)
     auto = kw.get("offload_experts") == "auto"
-    if auto and args.fit is None:
-        kw["offload_experts"] = 0
-    if args.fit is not None:
-        kw.pop("offload_experts", None)
-        p = fit(args.fit, **kw)
-        if p is None:
-            print(f"does not fit in {args.fit} GiB even with every layer's experts offloaded; the plan without "
-                  "offloading follows")
-            p = plan(**kw)
-    else:
+    if fit_gib is None:
+        if auto:
+            kw["offload_experts"] = 0
         p = plan(**kw)
-    if auto and args.fit is None:
-        p.notes.append("the config says model.offload_experts: auto, which the trainer sizes to its GPU; "
-                       "this plan offloads none (add --fit GIB for a GPU of GIB)")
-    if args.json:
-        print(json.dumps(p.to_dict(), indent=2))
-    else:
-        render_table(p)
-    return 0
+        if auto:
+            p.notes.append("the config says model.offload_experts: auto, which the trainer sizes to its GPU; "
+                           "this plan offloads none (add --fit GIB for a GPU of GIB)")
+        return p
+    kw.pop("offload_experts", None)
+    p = fit(fit_gib, **kw)
+    if p is None:
+        p = plan(**kw)
+        p.notes.insert(0, f"does not fit in {fit_gib} GiB even with every layer's experts offloaded; "
+                          "this is the plan without offloading")
+    return p

@@ -12,16 +12,32 @@ from __future__ import annotations
 import contextlib
 import json
 import math
-import os
 import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from accelerate import Accelerator
+from accelerate.utils import set_seed
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from rich.table import Table
+
+import data as datalib
+import model as modellib
+from model.checkpoint import save as save_checkpoint_dir
+from model.checkpoint import write_random
+from model.config import preset
+from model.loss import count_trained
+from model.modeling import MLPBlock
 
 from . import config as cfglib
+from .evaluate import accuracy, load_probes
+from .export import export
 from .plan import auto_offload
+from .plot import loss_curve_png
+from .run import RunDir, save_adapter
 from .state import latest_checkpoint, load_checkpoint, save_checkpoint
 
 
@@ -49,9 +65,6 @@ def _ensure_base_model(cfg: cfglib.Config, accelerator) -> None:
     if Path(cfg.model.path).exists() or cfg.model.init_preset is None:
         return
     if accelerator.is_main_process:
-        from model.checkpoint import write_random
-        from model.config import preset
-
         write_random(cfg.model.path, preset(cfg.model.init_preset), seed=cfg.model.init_seed)
         accelerator.print(f"built a random {cfg.model.init_preset} base model at {cfg.model.path}")
     accelerator.wait_for_everyone()
@@ -59,15 +72,13 @@ def _ensure_base_model(cfg: cfglib.Config, accelerator) -> None:
 
 def load_model(cfg: cfglib.Config, device: torch.device):
     """The model with exactly the trainable parameters the method asks for."""
-    import model as modellib
-    from model import lora
-
     m = modellib.from_pretrained(cfg.model.path, dtype=_dtype(cfg, device), experts=cfg.model.experts)
     if cfg.method == "lora":
         for p in m.parameters():
             p.requires_grad_(False)
         lc = cfg.lora
-        lora.add_lora(m, r=lc.r, alpha=lc.alpha, dropout=lc.dropout, targets=tuple(lc.targets))
+        modellib.add_lora(m, r=lc.r, alpha=lc.alpha, dropout=lc.dropout, targets=tuple(lc.targets),
+                          use_rslora=lc.use_rslora)
         # Adapters train in fp32 even on a bf16 base: their updates are small relative to the weights.
         for name, p in m.named_parameters():
             if p.requires_grad:
@@ -80,8 +91,6 @@ def load_model(cfg: cfglib.Config, device: torch.device):
 
 
 def load_data(cfg: cfglib.Config) -> Data:
-    import data as datalib
-
     d = cfg.data
     common = dict(format=d.format, on_error=d.on_error, split_turns=d.split_turns, loss_on=d.loss_on,
                   reasoning_effort=d.reasoning_effort, max_seq_len=d.max_seq_len, truncation=d.truncation)
@@ -153,34 +162,84 @@ class Batches:
         return out
 
 
-# -- the loop ------------------------------------------------------------------------------------------
+# -- the run: setup, loop, finish ---------------------------------------------------------------------
 
-def train(config_path: str, overrides: list[str] = (), *, resume: bool = False) -> Path:
-    from accelerate import Accelerator
-    from accelerate.utils import set_seed
+@dataclass
+class _Run:
+    """Everything the loop and the finish share, built by `_setup`."""
 
-    import data as datalib
+    cfg: cfglib.Config
+    dir: RunDir
+    accelerator: Accelerator
+    data: Data
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LambdaLR
+    params: dict[str, torch.nn.Parameter]
+    """The trainable parameters by name (checkpoints key their state by these names)."""
+    batches: Batches
+    total: int
+    start: int
+    logger: _Logger
+    probes: list | None
+    results: dict
+    t_begin: float
+    t_start: float
+    """perf_counter() at step 0 (earlier by the elapsed time of the steps before a resume)."""
 
+    @property
+    def main(self) -> bool:
+        return self.accelerator.is_main_process
+
+
+def train(config: cfglib.Config | str | Path, overrides: list[str] = (), *, resume: bool = False) -> Path:
+    """Run the fine-tuning `config` describes (a `Config`, or a YAML path with dotted `overrides`);
+    returns the run directory. With `resume`, continue from its newest complete checkpoint."""
     t_begin = time.perf_counter()
-    cfg = cfglib.load(config_path, list(overrides))
-    precision = cfg.train.precision
-    if precision == "auto":
-        precision = "bf16" if torch.cuda.is_available() else "fp32"
+    if isinstance(config, cfglib.Config):
+        cfg = cfglib.from_dict(config.to_dict(), list(overrides)) if overrides else config
+    else:
+        cfg = cfglib.load(config, list(overrides))
+    precision = _precision(cfg)
     # cpu=True on a machine without CUDA makes `accelerate launch --multi_gpu` run DDP over gloo.
     accelerator = Accelerator(mixed_precision="bf16" if precision == "bf16" else "no",
                               cpu=not torch.cuda.is_available())
-    set_seed(cfg.train.seed)
-    if accelerator.device.type == "cpu":
-        # Some CPU kernels (index_put with accumulate, in the MoE backward) sum in thread order; the
-        # deterministic variants make a resumed run bit-identical to an uninterrupted one.
+    # Some CPU kernels (index_put with accumulate, in the MoE backward) sum in thread order; the
+    # deterministic variants make a resumed run bit-identical to an uninterrupted one.
+    with _deterministic_algorithms(accelerator.device.type == "cpu"):
+        run = _setup(cfg, accelerator, precision, resume=resume, t_begin=t_begin)
+        _loop(run)
+        _finish(run)
+    accelerator.end_training()
+    return run.dir.path
+
+
+def _precision(cfg: cfglib.Config) -> str:
+    if cfg.train.precision == "auto":
+        return "bf16" if torch.cuda.is_available() else "fp32"
+    return cfg.train.precision
+
+
+@contextlib.contextmanager
+def _deterministic_algorithms(enabled: bool):
+    """torch.use_deterministic_algorithms for the run only: the caller's setting comes back after."""
+    before, warn_only = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
+    if enabled:
         torch.use_deterministic_algorithms(True, warn_only=True)
-    out = Path(cfg.output_dir)
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(before, warn_only=warn_only)
+
+
+def _setup(cfg: cfglib.Config, accelerator: Accelerator, precision: str, *, resume: bool, t_begin: float) -> _Run:
+    """Config written, data loaded, model and optimizer prepared, state restored when resuming."""
+    set_seed(cfg.train.seed)
+    rd = RunDir(cfg.output_dir)
     main = accelerator.is_main_process
     if main:
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "config.yaml").write_text(cfglib.dump(cfg))
+        rd.write_config(cfg)
         accelerator.print(cfglib.dump(cfg))
-
     _ensure_base_model(cfg, accelerator)
     data = load_data(cfg)
     accelerator.print(data.report)
@@ -192,7 +251,8 @@ def train(config_path: str, overrides: list[str] = (), *, resume: bool = False) 
     accelerator.print(f"trainable parameters: {sum(p.numel() for p in params.values()):,} "
                       f"of {sum(p.numel() for p in model.parameters()):,} ({cfg.method})")
     results: dict = {}
-    probes = _probes(cfg) if cfg.evaluate.generate and main else None
+    probes = load_probes(cfg.evaluate.generate, data_format=cfg.data.format, limit=cfg.evaluate.limit) \
+        if cfg.evaluate.generate and main else None
     if probes and cfg.evaluate.before_training and not resume:
         results["base"] = _accuracy(model, probes, cfg, "base model")
     t = cfg.train
@@ -204,18 +264,16 @@ def train(config_path: str, overrides: list[str] = (), *, resume: bool = False) 
     if accelerator.distributed_type.value == "DEEPSPEED":
         _deepspeed_setup(model, t)
     model, optimizer = accelerator.prepare(model, optimizer)
-    names = {p: n for n, p in zip(params, params.values())}
 
     batches = Batches(data.train_rows, batch_size=t.batch_size, grad_accum=t.grad_accum,
                       world=accelerator.num_processes, rank=accelerator.process_index, seed=t.seed)
     total = t.max_steps or max(1, math.ceil((t.epochs or 1.0) * batches.steps_per_epoch))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(t, total))
-
     start, elapsed_before = 0, 0.0
     if resume:
-        found = latest_checkpoint(out / "checkpoints")
+        found = latest_checkpoint(rd.checkpoints)
         if found is None:
-            accelerator.print(f"--resume: no complete checkpoint in {out / 'checkpoints'}; starting at step 0")
+            accelerator.print(f"--resume: no complete checkpoint in {rd.checkpoints}; starting at step 0")
         else:
             state = load_checkpoint(found, params=params, optimizer=optimizer)
             start, elapsed_before = state["step"], state.get("elapsed_s", 0.0)
@@ -225,57 +283,67 @@ def train(config_path: str, overrides: list[str] = (), *, resume: bool = False) 
                     scheduler.step()
             accelerator.print(f"resumed from {found} (step {start} of {total})")
     if main:
-        _truncate_metrics(out / "metrics.jsonl", after_step=start)
-    logger = _Logger(cfg, out, main, total, start)
+        _truncate_metrics(rd.metrics, after_step=start)
+    return _Run(cfg, rd, accelerator, data, model, optimizer, scheduler, params, batches, total, start,
+                _Logger(cfg, rd, main, total, start), probes, results, t_begin,
+                t_start=time.perf_counter() - elapsed_before)
 
-    bad_in_a_row, t_start = 0, time.perf_counter() - elapsed_before
-    model.train()
-    for step in range(start, total):
+
+def _loop(run: _Run) -> None:
+    """Optimizer steps from `run.start` to `run.total`: step, log, eval, checkpoint."""
+    t, acc = run.cfg.train, run.accelerator
+    names = {p: n for n, p in run.params.items()}
+    bad_in_a_row = 0
+    run.model.train()
+    for step in range(run.start, run.total):
         t0 = time.perf_counter()
-        micro = [datalib.collate(rows) for rows in batches.for_step(step)]
-        loss, n_input, grad_norm = _step(model, micro, accelerator, t)
+        micro = [datalib.collate(rows) for rows in run.batches.for_step(step)]
+        loss, n_input, grad_norm = _step(run.model, micro, acc, t)
         finite = math.isfinite(loss) and math.isfinite(grad_norm)
+        bad_in_a_row = 0 if finite else bad_in_a_row + 1
         if finite:
-            optimizer.step()
-            bad_in_a_row = 0
+            run.optimizer.step()
         else:
-            bad_in_a_row += 1
             warnings.warn(f"step {step + 1}: non-finite loss or gradient ({loss}, {grad_norm}); step skipped")
             if bad_in_a_row >= t.max_bad_steps:
                 raise TrainingError(
                     f"{bad_in_a_row} non-finite steps in a row at step {step + 1}; stopping. The last good "
-                    f"checkpoint in {out / 'checkpoints'} is intact (lower train.lr or check the data)."
+                    f"checkpoint in {run.dir.checkpoints} is intact (lower train.lr or check the data)."
                 )
-        optimizer.zero_grad(set_to_none=True)
-        lr = scheduler.get_last_lr()[0]
-        scheduler.step()
+        run.optimizer.zero_grad(set_to_none=True)
+        lr = run.scheduler.get_last_lr()[0]
+        run.scheduler.step()
         done = step + 1
-        dt = time.perf_counter() - t0
-        if done % t.log_every == 0 or done == total:
-            logger.log({"step": done, "loss": loss, "lr": lr, "grad_norm": grad_norm,
-                        "tokens_per_s": n_input / dt, "elapsed_s": time.perf_counter() - t_start,
-                        "epoch": done / batches.steps_per_epoch, **({} if finite else {"skipped": True})})
-        if data.eval_rows and t.eval_every and (done % t.eval_every == 0 or done == total):
-            logger.log({"step": done, "eval_loss": evaluate(model, data.eval_rows, accelerator, t.batch_size)})
-        if (t.save_every and done % t.save_every == 0) or done == total:
-            accelerator.wait_for_everyone()
-            save_checkpoint(out / "checkpoints", done, trainable=params, optimizer=optimizer, param_names=names,
-                            extra={"elapsed_s": time.perf_counter() - t_start, "total_steps": total},
-                            keep=t.keep_checkpoints, is_main=main)
-    logger.close()
-    accelerator.wait_for_everyone()
-    state = accelerator.get_state_dict(model)  # whole tensors on the main process (a collective)
-    if main:
-        tuned = accelerator.unwrap_model(model)
-        _save_final(cfg, tuned, state, out)
-        train_time = time.perf_counter() - t_start
-        if probes:
-            results["tuned"] = _accuracy(tuned, probes, cfg, "fine-tuned model")
-        for fmt in cfg.export.formats:
-            results.update(_export_and_measure(cfg, out, fmt, probes, accelerator.device))
-        _summarize(cfg, out, results, train_time=train_time, total_time=time.perf_counter() - t_begin)
-    accelerator.end_training()
-    return out
+        if done % t.log_every == 0 or done == run.total:
+            run.logger.log({"step": done, "loss": loss, "lr": lr, "grad_norm": grad_norm,
+                            "tokens_per_s": n_input / (time.perf_counter() - t0),
+                            "elapsed_s": time.perf_counter() - run.t_start,
+                            "epoch": done / run.batches.steps_per_epoch, **({} if finite else {"skipped": True})})
+        if run.data.eval_rows and t.eval_every and (done % t.eval_every == 0 or done == run.total):
+            run.logger.log({"step": done, "eval_loss": evaluate(run.model, run.data.eval_rows, acc, t.batch_size)})
+        if (t.save_every and done % t.save_every == 0) or done == run.total:
+            acc.wait_for_everyone()
+            save_checkpoint(run.dir.checkpoints, done, trainable=run.params, optimizer=run.optimizer,
+                            param_names=names, keep=t.keep_checkpoints, is_main=run.main,
+                            extra={"elapsed_s": time.perf_counter() - run.t_start, "total_steps": run.total})
+    run.logger.close()
+
+
+def _finish(run: _Run) -> None:
+    """The trained adapter or model, evaluation, exports and the summary."""
+    acc, cfg = run.accelerator, run.cfg
+    acc.wait_for_everyone()
+    state = acc.get_state_dict(run.model)  # whole tensors on the main process (a collective)
+    if not run.main:
+        return
+    tuned = acc.unwrap_model(run.model)
+    _save_final(cfg, tuned, state, run.dir)
+    train_time = time.perf_counter() - run.t_start
+    if run.probes:
+        run.results["tuned"] = _accuracy(tuned, run.probes, cfg, "fine-tuned model")
+    for fmt in cfg.export.formats:
+        run.results.update(_export_and_measure(cfg, run.dir, fmt, run.probes, acc.device))
+    _summarize(run.dir, run.results, train_time=train_time, total_time=time.perf_counter() - run.t_begin)
 
 
 def _offload(cfg: cfglib.Config, model, accelerator) -> None:
@@ -307,9 +375,7 @@ def _deepspeed_setup(model, t: cfglib.TrainSection) -> None:
     """ZeRO-3: each MoE block is one leaf (gathered whole, not hooked per expert, since a batch
     touches only some experts). Mid-run checkpoints gather optimizer state that ZeRO partitions in
     its own format; they are supported on one process, DDP and FSDP2 only."""
-    from deepspeed.utils import set_z3_leaf_modules
-
-    from model.modeling import MLPBlock
+    from deepspeed.utils import set_z3_leaf_modules  # optional: only DeepSpeed launches get here
 
     if t.save_every:
         raise TrainingError("train.save_every is not supported with DeepSpeed (use configs/accelerate/fsdp2.yaml "
@@ -322,7 +388,7 @@ def _step(model, micro: list[dict], accelerator, t: cfglib.TrainSection) -> tupl
     device = accelerator.device
     # Trained tokens of the whole step, every process: each micro-batch's summed loss is divided by
     # this, so the step's gradient is the exact token mean whatever the split. (x world: DDP averages.)
-    local_targets = sum(int((b["labels"][:, 1:] != -100).sum()) for b in micro)
+    local_targets = sum(count_trained(b["labels"], b["position_ids"]) for b in micro)
     counts = accelerator.reduce(torch.tensor([local_targets, sum(int(b["num_tokens"]) for b in micro)],
                                              device=device), reduction="sum")
     n_targets, n_input = max(1, int(counts[0])), int(counts[1])
@@ -346,8 +412,6 @@ def _step(model, micro: list[dict], accelerator, t: cfglib.TrainSection) -> tupl
 
 @torch.no_grad()
 def evaluate(model, rows: list, accelerator, batch_size: int) -> float:
-    import data as datalib
-
     model.eval()
     total = torch.zeros(2, device=accelerator.device, dtype=torch.float64)
     mine = rows[accelerator.process_index::accelerator.num_processes]
@@ -374,22 +438,19 @@ def _truncate_metrics(path: Path, *, after_step: int) -> None:
 class _Logger:
     """metrics.jsonl (one object per logged step), wandb when enabled, a progress bar with ETA."""
 
-    def __init__(self, cfg: cfglib.Config, out: Path, main: bool, total: int, start: int):
+    def __init__(self, cfg: cfglib.Config, rd: RunDir, main: bool, total: int, start: int):
         self.main = main
-        self.path = out / "metrics.jsonl"
+        self.path = rd.metrics
         self.wandb = None
         self.progress = None
         if not main:
             return
         if cfg.wandb.enabled:
-            import wandb
+            import wandb  # optional at import time: only runs that log to it pay for it
 
-            if cfg.wandb.mode:
-                os.environ["WANDB_MODE"] = cfg.wandb.mode
-            self.wandb = wandb.init(project=cfg.wandb.project, name=cfg.wandb.name, dir=str(out),
-                                    config=cfg.to_dict())
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
+            # mode=None leaves WANDB_MODE (or wandb's default) in charge; the environment is never written
+            self.wandb = wandb.init(project=cfg.wandb.project, name=cfg.wandb.name, dir=str(rd.path),
+                                    config=cfg.to_dict(), mode=cfg.wandb.mode)
         self.progress = Progress(TextColumn("train"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
                                  TextColumn("{task.fields[info]}"), transient=False)
         self.task = self.progress.add_task("train", total=total, completed=start, info="")
@@ -415,15 +476,7 @@ class _Logger:
             self.wandb.finish()
 
 
-def _probes(cfg: cfglib.Config):
-    from .evaluate import load_probes
-
-    return load_probes(cfg.evaluate.generate, data_format=cfg.data.format, limit=cfg.evaluate.limit)
-
-
 def _accuracy(model, probes, cfg: cfglib.Config, what: str):
-    from .evaluate import accuracy
-
     t0 = time.perf_counter()
     report = accuracy(model, probes, max_new_tokens=cfg.evaluate.max_new_tokens)
     print(f"{what}: exact-match accuracy {report.accuracy:.3f} on {report.n} held-out prompts "
@@ -431,28 +484,20 @@ def _accuracy(model, probes, cfg: cfglib.Config, what: str):
     return report
 
 
-def _export_and_measure(cfg: cfglib.Config, out: Path, fmt: str, probes, device) -> dict:
-    import model as modellib
-
-    from .export import export
-
+def _export_and_measure(cfg: cfglib.Config, rd: RunDir, fmt: str, probes, device) -> dict:
+    """Write `fmt` into the run's export/ and, for a model export, measure its accuracy."""
     t0 = time.perf_counter()
-    report = export(out, fmt, out / "export" / fmt)
+    report = export(rd.path, fmt, rd.export(fmt))
     print(f"exported {fmt} to {report.path} ({time.perf_counter() - t0:.0f}s)")
-    if fmt == "adapter" or not probes:
+    if fmt not in ("merged", "mxfp4") or not probes:
         return {}
     exported = modellib.from_pretrained(report.path, dtype=_dtype(cfg, device), experts="mxfp4", device=device)
     return {fmt: _accuracy(exported, probes, cfg, f"{fmt} export")}
 
 
-def _summarize(cfg: cfglib.Config, out: Path, results: dict, *, train_time: float, total_time: float) -> None:
+def _summarize(rd: RunDir, results: dict, *, train_time: float, total_time: float) -> None:
     """`summary.json`, `loss.png` and a short table: what the run did, in one place."""
-    from rich.console import Console
-    from rich.table import Table
-
-    from .plot import loss_curve_png
-
-    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines() if x.strip()]
+    rows = [json.loads(x) for x in rd.metrics.read_text().splitlines() if x.strip()]
     train = [(r["step"], r["loss"]) for r in rows if "loss" in r]
     evals = [(r["step"], r["eval_loss"]) for r in rows if "eval_loss" in r]
     summary = {
@@ -466,9 +511,9 @@ def _summarize(cfg: cfglib.Config, out: Path, results: dict, *, train_time: floa
         "eval_prompts": next(iter(results.values())).n if results else 0,
         "samples": {k: v.samples for k, v in results.items()},
     }
-    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-    loss_curve_png(out / "loss.png", train, evals)
-    table = Table(title=f"{out}")
+    rd.summary.write_text(json.dumps(summary, indent=2) + "\n")
+    loss_curve_png(rd.loss_plot, train, evals)
+    table = Table(title=f"{rd.path}")
     table.add_column("")
     table.add_column("value", justify="right")
     for k, v in results.items():
@@ -479,17 +524,13 @@ def _summarize(cfg: cfglib.Config, out: Path, results: dict, *, train_time: floa
     table.add_row("train time", f"{train_time:.0f}s")
     table.add_row("total time", f"{total_time:.0f}s")
     Console().print(table)
-    print(f"summary: {out / 'summary.json'}, loss curve: {out / 'loss.png'}")
+    print(f"summary: {rd.summary}, loss curve: {rd.loss_plot}")
 
 
-def _save_final(cfg: cfglib.Config, model, state: dict, out: Path) -> None:
+def _save_final(cfg: cfglib.Config, model, state: dict, rd: RunDir) -> None:
     if cfg.method == "lora":
-        from .lora import save_adapter
-
-        save_adapter(model, out / "adapter", base_model=cfg.model.path, state_dict=state)
-        print(f"adapter written to {out / 'adapter'}")
+        save_adapter(model, rd.adapter, base_model=cfg.model.path, state_dict=state)
+        print(f"adapter written to {rd.adapter}")
     else:
-        from model.checkpoint import save
-
-        save(out / "model", model.config, ((n, t.detach()) for n, t in state.items()))
-        print(f"model written to {out / 'model'}")
+        save_checkpoint_dir(rd.model, model.config, ((n, t.detach()) for n, t in state.items()))
+        print(f"model written to {rd.model}")

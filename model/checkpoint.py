@@ -1,6 +1,6 @@
 """Reading and writing gpt-oss checkpoints: HF layout (sharded safetensors + index) and OpenAI's original/.
 
-Everything is addressed by HF names (DESIGN §4). Reads are lazy and tensor by tensor (safetensors
+Everything is addressed by HF names (docs/ARCHITECTURE.md §4). Reads are lazy and tensor by tensor (safetensors
 memory-maps), MXFP4 experts stay as their uint8 `_blocks`/`_scales` bytes until someone asks for
 them dense. Writes stream tensor by tensor into shards and land atomically (temp dir + rename).
 Weights come from safetensors only: pickle files are refused and never opened.
@@ -23,11 +23,13 @@ from safetensors.torch import save_file
 
 from . import mxfp4
 from .config import GptOssConfig
+from .experts import EXPERT_FORMATS
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
 INDEX_NAME = "model.safetensors.index.json"
 DEFAULT_SHARD_BYTES = 4 << 30
-EXPERT_PROJS = ("gate_up_proj", "down_proj")
+LAYOUTS = ("hf", "original")
+"""HF's (HF names, sharded safetensors + index) and OpenAI's original/ (its names, MXFP4 experts only)."""
 
 
 class CheckpointError(ValueError):
@@ -37,7 +39,9 @@ class CheckpointError(ValueError):
 # -- the expected tensors ------------------------------------------------------------------------
 
 def expected_shapes(config: GptOssConfig, *, experts: str = "mxfp4") -> dict[str, tuple[int, ...]]:
-    """HF name -> shape of every tensor of a checkpoint; experts "mxfp4" (`_blocks`/`_scales`) or "dense"."""
+    """HF name -> shape of every tensor of a checkpoint: the one list of the model's tensors (the
+    GGUF writer and the merged export follow it). experts: "mxfp4" (`_blocks`/`_scales`) or
+    "dequantized" (HF's bf16 `[E, in, out]`)."""
     c = config
     h, i, e, hd = c.hidden_size, c.intermediate_size, c.num_local_experts, c.head_dim
     q, kv = c.num_attention_heads * hd, c.num_key_value_heads * hd
@@ -62,11 +66,11 @@ def expected_shapes(config: GptOssConfig, *, experts: str = "mxfp4") -> dict[str
             shapes[x + "gate_up_proj_scales"] = (e, 2 * i, h // 32)
             shapes[x + "down_proj_blocks"] = (e, h, i // 32, 16)
             shapes[x + "down_proj_scales"] = (e, h, i // 32)
-        elif experts == "dense":
+        elif experts == "dequantized":
             shapes[x + "gate_up_proj"] = (e, h, 2 * i)  # HF bf16 layout: [E, in, out]
             shapes[x + "down_proj"] = (e, i, h)
         else:
-            raise ValueError(f"experts must be 'mxfp4' or 'dense', got {experts!r}")
+            raise ValueError(f"experts must be one of {EXPERT_FORMATS}, got {experts!r}")
         shapes[x + "gate_up_proj_bias"] = (e, 2 * i)
         shapes[x + "down_proj_bias"] = (e, h)
     shapes["model.norm.weight"] = (h,)
@@ -158,7 +162,7 @@ class Checkpoint:
 
     def __init__(self, path: str | os.PathLike, *, layout: str = "auto"):
         root = resolve(path)
-        if layout not in ("auto", "hf", "original"):
+        if layout not in ("auto", *LAYOUTS):
             raise ValueError(f"layout must be auto, hf or original, got {layout!r}")
         hf_files = sorted(root.glob("*.safetensors"))
         is_original_dir = (root / "config.json").exists() and _is_original_config(root / "config.json")
@@ -237,8 +241,8 @@ class Checkpoint:
 
     @property
     def experts_format(self) -> str:
-        """"mxfp4" when experts are stored as `_blocks`/`_scales`, else "dense"."""
-        return "mxfp4" if "model.layers.0.mlp.experts.gate_up_proj_blocks" in self._names else "dense"
+        """"mxfp4" when experts are stored as `_blocks`/`_scales`, else "dequantized"."""
+        return "mxfp4" if "model.layers.0.mlp.experts.gate_up_proj_blocks" in self._names else "dequantized"
 
     def shape(self, name: str) -> tuple[int, ...]:
         stored, rows = self._lookup(name)
@@ -358,7 +362,7 @@ class CheckpointWriter:
 
     def __init__(self, out_dir: str | os.PathLike, config: GptOssConfig, *, layout: str = "hf",
                  max_shard_bytes: int = DEFAULT_SHARD_BYTES):
-        if layout not in ("hf", "original"):
+        if layout not in LAYOUTS:
             raise ValueError(f"layout must be hf or original, got {layout!r}")
         self.final = Path(out_dir)
         self.final.parent.mkdir(parents=True, exist_ok=True)
@@ -480,7 +484,7 @@ def random_tensors(config: GptOssConfig, *, seed: int = 0, experts: str = "mxfp4
     make one token win (with std 0.02 at H = 64, every logit stays within ~1 of the others).
     """
     gen = torch.Generator().manual_seed(seed)
-    for name, shape in expected_shapes(config, experts="dense" if experts == "dense" else "mxfp4").items():
+    for name, shape in expected_shapes(config, experts=experts).items():
         if name.endswith("_scales"):
             continue  # produced with its blocks
         if name.endswith("_blocks"):
@@ -507,6 +511,6 @@ def write_random(out_dir: str | os.PathLike, config: GptOssConfig, *, seed: int 
     """A random gpt-oss checkpoint (`gptoss-ft init`)."""
     if layout == "original" and experts != "mxfp4":
         raise ValueError("the original layout stores experts in MXFP4 only")
-    cfg = config.replace(quantization_config=None) if experts == "dense" else config
+    cfg = config.replace(quantization_config=None) if experts == "dequantized" else config
     return save(out_dir, cfg, random_tensors(cfg, seed=seed, experts=experts), layout=layout,
                 max_shard_bytes=max_shard_bytes)

@@ -166,7 +166,7 @@ class GptOssConfig:
 
     @classmethod
     def from_original_dict(cls, d: dict[str, Any], *, source: str = "config", strict: bool = False) -> "GptOssConfig":
-        """OpenAI's original/config.json: its own names for the same facts (DESIGN §4)."""
+        """OpenAI's original/config.json: its own names for the same facts (docs/ARCHITECTURE.md §4)."""
         d = dict(d)
         renames = {"num_experts": "num_local_experts", "experts_per_token": "num_experts_per_tok"}
         rope = _default_rope_scaling()

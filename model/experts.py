@@ -1,6 +1,6 @@
 """Expert MLPs of the gpt-oss MoE block: dense trainable, or frozen MXFP4 with optional per-expert LoRA.
 
-One module, `Experts`, with the HF names (DESIGN §4) so checkpoints load with zero renames:
+One module, `Experts`, with the HF names (docs/ARCHITECTURE.md §4) so checkpoints load with zero renames:
 
     dense ("dequantized"):  gate_up_proj [E, H, 2I], down_proj [E, I, H]          (HF layout: [E, in, out])
     frozen MXFP4 ("mxfp4"): gate_up_proj_blocks [E, 2I, H/32, 16] + _scales [E, 2I, H/32],
@@ -8,7 +8,7 @@ One module, `Experts`, with the HF names (DESIGN §4) so checkpoints load with z
     both:                   gate_up_proj_bias [E, 2I], down_proj_bias [E, H]      (trainable parameters)
 
 Routing sorts the (token, slot) pairs by expert and runs one matmul per contiguous group: no per-token
-loop and no tokens x experts x k one-hot (DESIGN §6). MXFP4 weights are decoded per expert that the
+loop and no tokens x experts x k one-hot (docs/ARCHITECTURE.md §6). MXFP4 weights are decoded per expert that the
 batch hits, inside forward, and decoded again in backward (`_MxFP4Matmul`): no dequantized copy of
 an expert outlives the matmul that needs it.
 
@@ -36,6 +36,9 @@ from . import mxfp4
 
 SWIGLU_ALPHA = 1.702  # gpt-oss's sigmoid slope (OpenAI reference `swiglu`, HF `GptOssExperts.alpha`)
 EXPERT_PROJS = ("gate_up_proj", "down_proj")
+EXPERT_FORMATS = ("mxfp4", "dequantized")
+"""How experts are stored, in a model (`model.experts`) and in a checkpoint: frozen MXFP4
+`_blocks`/`_scales` bytes, or dequantized (dense, bf16 in a checkpoint) weights."""
 _MXFP4_BUFFERS = tuple(f"{p}_{part}" for p in EXPERT_PROJS for part in ("blocks", "scales"))
 
 
@@ -75,7 +78,7 @@ class _ClampedSwiGLU(torch.autograd.Function):
 class _MxFP4Matmul(torch.autograd.Function):
     """`x [n, in] @ W^T` with `W [out, in]` stored as MXFP4; W is frozen, so only x gets a gradient.
 
-    The decoded W is a temporary in forward and decoded again in backward (DESIGN §6: recompute
+    The decoded W is a temporary in forward and decoded again in backward (docs/ARCHITECTURE.md §6: recompute
     instead of saving); autograd keeps only references to the uint8 buffers.
     """
 
@@ -112,6 +115,11 @@ def apply_keeping(module: nn.Module, store: dict, names, fn, recurse: bool):
         store.update(kept)
 
 
+def lora_scaling(r: int, alpha: float, use_rslora: bool = False) -> float:
+    """PEFT's scale of B A: alpha / r, or alpha / sqrt(r) for rsLoRA (arXiv:2312.03732)."""
+    return alpha / math.sqrt(r) if use_rslora else alpha / r
+
+
 def lora_per_expert(a: torch.Tensor, b: torch.Tensor, num_experts: int):
     """PEFT-layout factors `a [r*E, in]`, `b [out, r*E]` -> (A_e [r, in] per e, B_e [out, r] per e).
 
@@ -144,8 +152,8 @@ class Experts(nn.Module):
 
     def __init__(self, config, *, fmt: str = "dequantized", device=None, dtype=None):
         super().__init__()
-        if fmt not in ("mxfp4", "dequantized"):
-            raise ValueError(f"experts must be 'mxfp4' or 'dequantized', got {fmt!r}")
+        if fmt not in EXPERT_FORMATS:
+            raise ValueError(f"experts must be one of {EXPERT_FORMATS}, got {fmt!r}")
         e, h, i = config.num_local_experts, config.hidden_size, config.intermediate_size
         self.num_experts, self.hidden_size, self.intermediate_size = e, h, i
         self.limit = config.swiglu_limit
@@ -161,7 +169,7 @@ class Experts(nn.Module):
             self.register_buffer("down_proj_scales", torch.zeros(e, h, i // 32, **u8))
         self.gate_up_proj_bias = nn.Parameter(torch.zeros(e, 2 * i, device=device, dtype=dtype))
         self.down_proj_bias = nn.Parameter(torch.zeros(e, h, device=device, dtype=dtype))
-        self.lora_scaling = 0.0  # alpha / r once `add_lora` ran
+        self.lora_scaling = 0.0  # the scale of B A once `add_lora` ran
         self.qat = False  # quantization-aware training: see `_qat_matmul`
         self.offloaded = False  # see `offload`
 
@@ -187,7 +195,7 @@ class Experts(nn.Module):
     def has_lora(self) -> bool:
         return hasattr(self, "lora_A")
 
-    def add_lora(self, r: int, alpha: float) -> None:
+    def add_lora(self, r: int, alpha: float, *, use_rslora: bool = False) -> None:
         """Attach zero-initialised expert LoRA on gate_up_proj (`base_layer.lora_*`) and down_proj (`lora_*`)."""
         if self.has_lora:
             raise ValueError("experts already carry LoRA")
@@ -198,7 +206,27 @@ class Experts(nn.Module):
         self.base_layer = LoRAFactors(e, h, 2 * i, r, **kw)
         down = LoRAFactors(e, i, h, r, **kw)
         self.lora_A, self.lora_B = down.lora_A, down.lora_B
-        self.lora_scaling = alpha / r
+        self.lora_scaling = lora_scaling(r, alpha, use_rslora)
+
+    @torch.no_grad()
+    def set_lora(self, gate_up: tuple[torch.Tensor, torch.Tensor] | None,
+                 down: tuple[torch.Tensor, torch.Tensor] | None, scaling: float) -> None:
+        """Load trained expert LoRA: (A [r*E, in], B [out, r*E]) per projection in PEFT's layout, None
+        for a projection without (its factors become zero), and the scale of B A. Attaches LoRA of
+        rank `A rows / E` first when the experts carry none."""
+        if not self.has_lora:
+            given = gate_up if gate_up is not None else down
+            if given is None:
+                raise ValueError("set_lora needs the factors of at least one projection to know the rank")
+            self.add_lora(given[0].shape[0] // self.num_experts, 1.0)
+        self.lora_scaling = scaling  # the trained scale as given, not one derived from a rank and alpha
+        for holder, ab in ((self.base_layer, gate_up), (self, down)):
+            if ab is None:
+                holder.lora_A.weight.zero_()
+                holder.lora_B.weight.zero_()
+            else:
+                holder.lora_A.weight.copy_(ab[0])
+                holder.lora_B.weight.copy_(ab[1])
 
     def _lora_weights(self, proj: str) -> tuple[torch.Tensor, torch.Tensor] | None:
         if not self.has_lora:
@@ -216,7 +244,7 @@ class Experts(nn.Module):
     @torch.no_grad()
     def merge_lora(self) -> None:
         """Fold LoRA into the weights and drop it. MXFP4 experts become dense ("dequantized") experts:
-        the merged update is not representable in MXFP4 without requantizing (DESIGN §6)."""
+        the merged update is not representable in MXFP4 without requantizing (docs/ARCHITECTURE.md §6)."""
         if not self.has_lora:
             return
         dtype = self.gate_up_proj_bias.dtype

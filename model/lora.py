@@ -9,32 +9,49 @@ Our module names equal transformers' and we attach adapters where PEFT does, so 
                target_parameters mlp.experts.down_proj      ...mlp.experts.lora_A.weight [r*E, I], lora_B [H, r*E]
 
 (the router is not an nn.Linear in transformers, so PEFT reaches it as a parameter; expert layout
-in `experts.py`). Scaling is PEFT's default alpha / r (no rsLoRA); B starts at zero so a fresh
-adapter leaves the logits unchanged. PEFT's parameter wrappers have no dropout, so dropout applies
+in `experts.py`). Scaling is PEFT's: alpha / r, or alpha / sqrt(r) with rsLoRA (arXiv:2312.03732,
+`use_rslora`); B starts at zero so a fresh adapter leaves the logits unchanged. PEFT's parameter wrappers have no dropout, so dropout applies
 to attention only and must be 0 when experts or the router are targeted.
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .experts import Experts
+from .experts import Experts, lora_scaling
 
 PEFT_PREFIX = "base_model.model."
 ATTENTION_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj")
 EXPERT_PARAMETERS = ("mlp.experts.gate_up_proj", "mlp.experts.down_proj")  # this order gives PEFT's nesting
 ROUTER_PARAMETER = "mlp.router.weight"
 TARGETS = ("attention", "experts", "router")
+"""What `add_lora` can adapt (the config's `lora.targets`)."""
+
+
+@dataclass(frozen=True)
+class LoraSettings:
+    """The adapters a model carries (`GptOssForCausalLM.lora_settings`), as PEFT's config names them."""
+
+    r: int
+    alpha: float
+    dropout: float = 0.0
+    targets: tuple[str, ...] = ("attention", "experts")
+    use_rslora: bool = False
+
+    @property
+    def scaling(self) -> float:
+        return lora_scaling(self.r, self.alpha, self.use_rslora)
 
 
 class LoRALinear(nn.Linear):
     """An nn.Linear (same `weight`/`bias` parameters, same names) plus `lora_A`/`lora_B`."""
 
-    def __init__(self, base: nn.Linear, r: int, alpha: float, dropout: float):
+    def __init__(self, base: nn.Linear, r: int, scaling: float, dropout: float):
         nn.Module.__init__(self)
         self.in_features, self.out_features = base.in_features, base.out_features
         self.weight, self.bias = base.weight, base.bias
@@ -44,7 +61,7 @@ class LoRALinear(nn.Linear):
         nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))  # PEFT's default init
         nn.init.zeros_(self.lora_B.weight)
         self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
-        self.scaling = alpha / r
+        self.scaling = scaling
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x, self.weight, self.bias) + self.lora_B(self.lora_A(self.lora_dropout(x))) * self.scaling
@@ -63,10 +80,10 @@ def _layers(model):
 
 
 def add_lora(model, *, r: int, alpha: float, dropout: float = 0.0,
-             targets=("attention", "experts"), router: bool = False) -> None:
+             targets=("attention", "experts"), router: bool = False, use_rslora: bool = False) -> None:
     """Attach zero-initialised LoRA to `targets` ("attention", "experts", "router"; `router=True` adds
     the router too) and freeze everything else, as PEFT's `get_peft_model` does; unfreeze more
-    afterwards if wanted."""
+    afterwards if wanted. `model.lora_settings` records what was attached."""
     targets = set(targets) | ({"router"} if router else set())
     if unknown := targets - set(TARGETS):
         raise ValueError(f"unknown LoRA targets {sorted(unknown)}; choose from {TARGETS}")
@@ -77,20 +94,21 @@ def add_lora(model, *, r: int, alpha: float, dropout: float = 0.0,
     if dropout and targets & {"experts", "router"}:
         raise ValueError("lora dropout must be 0 when experts or the router are targeted "
                          "(PEFT's target_parameters wrappers support no dropout)")
-    if getattr(model, "lora_settings", None):
+    if model.lora_settings is not None:
         raise ValueError("the model already carries LoRA adapters")
+    settings = LoraSettings(r=r, alpha=alpha, dropout=float(dropout), use_rslora=use_rslora,
+                            targets=tuple(t for t in TARGETS if t in targets))
     for p in model.parameters():
         p.requires_grad_(False)
     for layer in _layers(model):
         if "attention" in targets:
             for name in ATTENTION_MODULES:
-                setattr(layer.self_attn, name, LoRALinear(getattr(layer.self_attn, name), r, alpha, dropout))
+                setattr(layer.self_attn, name, LoRALinear(getattr(layer.self_attn, name), r, settings.scaling, dropout))
         if "router" in targets:
-            layer.mlp.router = LoRALinear(layer.mlp.router, r, alpha, 0.0)
+            layer.mlp.router = LoRALinear(layer.mlp.router, r, settings.scaling, 0.0)
         if "experts" in targets:
-            layer.mlp.experts.add_lora(r, alpha)
-    model.lora_settings = {"r": r, "alpha": alpha, "dropout": float(dropout),
-                           "targets": tuple(t for t in TARGETS if t in targets)}
+            layer.mlp.experts.add_lora(r, alpha, use_rslora=use_rslora)
+    model.lora_settings = settings
 
 
 def lora_state_dict(model) -> dict[str, torch.Tensor]:
@@ -121,29 +139,40 @@ def load_lora_state_dict(model, sd: dict[str, torch.Tensor]) -> None:
 
 def peft_config(model) -> dict:
     """The adapter_config.json body PEFT reads (base_model_name_or_path is left to the caller)."""
-    s = getattr(model, "lora_settings", None)
-    if not s:
+    s: LoraSettings | None = model.lora_settings
+    if s is None:
         raise ValueError("the model has no LoRA adapters (call add_lora first)")
     target_parameters = []
-    if "experts" in s["targets"]:
+    if "experts" in s.targets:
         target_parameters += list(EXPERT_PARAMETERS)
-    if "router" in s["targets"]:
+    if "router" in s.targets:
         target_parameters.append(ROUTER_PARAMETER)
     return {
         "peft_type": "LORA",
         "task_type": "CAUSAL_LM",
         "base_model_name_or_path": None,
-        "r": s["r"],
-        "lora_alpha": s["alpha"],
-        "lora_dropout": s["dropout"],
-        "target_modules": list(ATTENTION_MODULES) if "attention" in s["targets"] else [],
+        "r": s.r,
+        "lora_alpha": s.alpha,
+        "lora_dropout": s.dropout,
+        "target_modules": list(ATTENTION_MODULES) if "attention" in s.targets else [],
         "target_parameters": target_parameters,
         "bias": "none",
-        "use_rslora": False,
+        "use_rslora": s.use_rslora,
         "fan_in_fan_out": False,
         "init_lora_weights": True,
         "inference_mode": True,
     }
+
+
+def settings_from_peft(acfg: dict) -> LoraSettings:
+    """The inverse of `peft_config`: what an adapter_config.json (ours or PEFT's for transformers'
+    GptOss) attaches. Targets are read from target_modules / target_parameters."""
+    params = acfg.get("target_parameters") or []
+    targets = (("attention",) if acfg.get("target_modules") else ()) + \
+        (("experts",) if any("experts" in p for p in params) else ()) + \
+        (("router",) if any("router" in p for p in params) else ())
+    return LoraSettings(r=int(acfg["r"]), alpha=float(acfg["lora_alpha"]), dropout=float(acfg.get("lora_dropout") or 0.0),
+                        targets=targets, use_rslora=bool(acfg.get("use_rslora")))
 
 
 def merge_lora(model) -> None:

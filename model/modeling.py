@@ -1,13 +1,13 @@
 """gpt-oss in plain PyTorch, shaped like OpenAI's reference (`gpt_oss/torch/model.py`), with HF names.
 
-Parameter names equal transformers' `GptOssForCausalLM` (DESIGN §3), so HF checkpoints load with
+Parameter names equal transformers' `GptOssForCausalLM` (docs/ARCHITECTURE.md §3), so HF checkpoints load with
 zero renames and OpenAI's original/ layout loads through `Checkpoint`'s name table. The facts
-(DESIGN §4): attention with one learned sink logit per head, sliding window on sliding layers, GQA,
+(docs/ARCHITECTURE.md §4): attention with one learned sink logit per head, sliding window on sliding layers, GQA,
 YaRN RoPE (arXiv:2309.00071) on half-split dims, q/k/v/o biases; a top-k router with softmax over
 the chosen k; clamped interleaved SwiGLU experts (`experts.py`); RMSNorm.
 
-Training-time memory (DESIGN §6): with labels, logits are computed only at labeled positions, in
-chunks whose gradients are taken on the spot (no logits kept for backward);
+Training-time memory (docs/ARCHITECTURE.md §6): with labels, the targets' log-probabilities come from
+`loss.target_logprobs` (logits only at trained positions, in chunks, none kept for backward);
 `gradient_checkpointing_enable()` recomputes each decoder layer; `attn_implementation="sdpa"` runs a
 fused kernel that never materialises `T x T` scores and adds the sink through the log-sum-exp:
 PyTorch's flash kernel on CPU, compiled flex attention (block-sparse: sliding windows and packed
@@ -30,9 +30,10 @@ from torch.utils.checkpoint import checkpoint
 from . import mxfp4
 from .checkpoint import Checkpoint
 from .config import FULL, SLIDING, GptOssConfig
-from .experts import EXPERT_PROJS, Experts, apply_keeping
+from .experts import EXPERT_FORMATS, EXPERT_PROJS, Experts, apply_keeping
+from .lora import LoraSettings
+from .loss import target_logprobs, trained_targets
 
-IGNORE_INDEX = -100  # HF's label convention
 ATTN_IMPLEMENTATIONS = ("eager", "sdpa", "flex")
 """eager: the reference math; sdpa: fused on every device (CPU flash kernel on CPU, flex elsewhere);
 flex: flex attention on any device (on CPU uncompiled, for tests: it materialises the scores)."""
@@ -40,12 +41,19 @@ flex: flex attention on any device (on CPU uncompiled, for tests: it materialise
 
 @dataclass
 class CausalLMOutput:
+    hidden_states: torch.Tensor | None = None
+    """[B, T, H] after the final norm: what the lm_head reads."""
     logits: torch.Tensor | None = None
-    """[B, T, V] when no labels are given; None with labels (never materialised in training)."""
+    """[B, T, V]: without labels, or with `return_logits=True` (never needed to train)."""
+    token_logprobs: torch.Tensor | None = None
+    """With labels: log-probabilities `[n]` (fp32) of the n trained targets (`model.loss`), in the
+    order of `trained`'s True entries; every objective (SFT, DPO, GRPO) is computed from these."""
+    trained: torch.Tensor | None = None
+    """With labels: `[B, T-1]` bool, which positions are trained targets (`model.loss.trained_targets`)."""
     loss: torch.Tensor | None = None
-    """Mean cross-entropy over the labeled target tokens."""
+    """With labels: mean cross-entropy over the trained targets, `-token_logprobs.mean()`."""
     n_tokens: int = 0
-    """Number of labeled target tokens behind `loss` (for exact gradient accumulation)."""
+    """Number of trained targets behind `loss` (for exact gradient accumulation)."""
     aux_loss: torch.Tensor | None = None
     """Router load-balancing loss (with `return_aux_loss=True`); the trainer adds coef * aux_loss."""
 
@@ -190,7 +198,7 @@ class _SinkFlashAttentionCPU(torch.autograd.Function):
     """Fused attention with sinks on PyTorch's CPU flash kernel, which returns the log-sum-exp.
 
     With a sink logit s, softmax over [scores, s] gives the sink-free output times
-    sigmoid(lse - s) = exp(lse - lse'), lse' = logaddexp(lse, s) (DESIGN §6). Backward is the
+    sigmoid(lse - s) = exp(lse - lse'), lse' = logaddexp(lse, s) (docs/ARCHITECTURE.md §6). Backward is the
     kernel's own backward run with lse' and the sinked output: it then recomputes the sinked
     probabilities exp(S - lse') and D = rowsum(dO * O) of the sinked softmax, which is exactly the
     gradient of softmax-with-sink. The sink's own gradient is -sum_rows p_sink * rowsum(dO * O).
@@ -256,7 +264,7 @@ def _flex(device: torch.device):
 
 def flex_sink_attention(q, k, v, sinks, block_mask, scale):
     """q [B, nH, T, d], k/v [B, nKV, T, d] (GQA without repeating kv): the sink-free flex output
-    times sigmoid(lse - s) (DESIGN §6); autograd differentiates through lse (flex supports it)."""
+    times sigmoid(lse - s) (docs/ARCHITECTURE.md §6); autograd differentiates through lse (flex supports it)."""
     from torch.nn.attention.flex_attention import AuxRequest
 
     out, aux = _flex(q.device)(q, k, v, block_mask=block_mask, scale=scale, enable_gqa=True,
@@ -384,61 +392,6 @@ def load_balancing_loss(router_logits: list[torch.Tensor], num_experts: int, top
     return num_experts * torch.sum((counts / rows) * (prob_sum / rows))
 
 
-def _linear_cross_entropy(h: torch.Tensor, weight: torch.Tensor, y: torch.Tensor, chunk: int,
-                          need_h: bool, need_w: bool):
-    """Summed cross-entropy of logits `h [n, H] @ weight [V, H]^T` against `y [n]`, one chunk of rows
-    at a time; with need_h / need_w also the gradients of that sum w.r.t. h and weight.
-
-    Each chunk's fp32 logits live in one buffer that becomes its softmax and then d(loss)/d(logits)
-    = softmax - onehot in place, and is multiplied out at once: no [n, V] tensor outlives its chunk,
-    and nothing is recomputed in backward (two V-wide matmuls per chunk instead of three).
-    """
-    total = h.new_zeros((), dtype=torch.float32)
-    grad_h = torch.empty_like(h) if need_h else None
-    grad_w = torch.zeros_like(weight) if need_w else None
-    for i in range(0, h.shape[0], chunk):
-        # one call per chunk: its [c, V] buffer is freed on return, before the next one is allocated
-        total = total + _chunk_cross_entropy(h[i:i + chunk], weight, y[i:i + chunk],
-                                             None if grad_h is None else grad_h[i:i + chunk], grad_w)
-    return total, grad_h, grad_w
-
-
-def _chunk_cross_entropy(hc, weight, yc, grad_h, grad_w) -> torch.Tensor:
-    """One chunk of `_linear_cross_entropy`: writes its grads into grad_h (its rows) and adds into grad_w."""
-    logits = F.linear(hc, weight).float()  # [c, V]
-    target = logits.gather(1, yc[:, None]).squeeze(1)
-    top = logits.amax(-1, keepdim=True)
-    denom = logits.sub_(top).exp_().sum(-1, keepdim=True)  # logits now hold exp(z - max)
-    loss = (top.squeeze(1) + denom.squeeze(1).log() - target).sum()
-    if grad_h is not None or grad_w is not None:
-        grad = logits.div_(denom)  # softmax
-        grad[torch.arange(grad.shape[0], device=grad.device), yc] -= 1.0
-        grad = grad.to(weight.dtype)
-        if grad_h is not None:
-            torch.matmul(grad, weight, out=grad_h)
-        if grad_w is not None:
-            grad_w.addmm_(grad.t(), hc.to(weight.dtype))
-    return loss
-
-
-class _LinearCrossEntropy(torch.autograd.Function):
-    """Summed cross-entropy of `h @ weight^T` whose gradients are computed in forward (the loss is a
-    scalar, so backward only scales them): see `_linear_cross_entropy`."""
-
-    @staticmethod
-    def forward(ctx, h, weight, y, chunk):
-        need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        total, grad_h, grad_w = _linear_cross_entropy(h, weight, y, chunk, need_h, need_w)
-        ctx.save_for_backward(grad_h, grad_w)
-        return total
-
-    @staticmethod
-    def backward(ctx, grad):
-        grad_h, grad_w = ctx.saved_tensors
-        return (None if grad_h is None else grad_h * grad.to(grad_h.dtype),
-                None if grad_w is None else grad_w * grad.to(grad_w.dtype), None, None)
-
-
 class GptOssForCausalLM(nn.Module):
     """gpt-oss with HF parameter names; `experts` "mxfp4" (frozen MXFP4 buffers) or "dequantized" (dense)."""
 
@@ -457,6 +410,8 @@ class GptOssForCausalLM(nn.Module):
             self.lm_head.weight = self.model.embed_tokens.weight
         self.attn_implementation = attn_implementation
         self.gradient_checkpointing = False
+        self.lora_settings: LoraSettings | None = None
+        """The LoRA adapters attached by `model.lora.add_lora` (None without adapters)."""
 
     # -- switches ---------------------------------------------------------------------------------
     @property
@@ -489,7 +444,7 @@ class GptOssForCausalLM(nn.Module):
         `.to()` / accelerate's prepare): the input embedding table (a row gather per batch), and the
         MXFP4 experts of `expert_layers` decoder layers, spread evenly over the depth, copied over
         expert by expert when used. Returns the offloaded layers' indices. `gptoss-ft plan` counts
-        what each saves; DESIGN §6."""
+        what each saves; docs/ARCHITECTURE.md §6."""
         n = self.config.num_hidden_layers
         if not 0 <= expert_layers <= n:
             raise ValueError(f"expert_layers must be between 0 and {n}, got {expert_layers}")
@@ -505,9 +460,12 @@ class GptOssForCausalLM(nn.Module):
     # -- forward ----------------------------------------------------------------------------------
     def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None,
                 position_ids: torch.Tensor | None = None, *, return_aux_loss: bool = False,
-                cache: KVCache | None = None) -> CausalLMOutput:
+                return_logits: bool | None = None, cache: KVCache | None = None) -> CausalLMOutput:
         """input_ids [B, T]; labels [B, T] aligned with input_ids (shifted here; -100 ignored);
         position_ids [B, T] (default arange; restart at 0 where a packed example begins).
+        Returns the final hidden states; with labels the trained targets' log-probabilities and
+        their mean cross-entropy (`model.loss`: logits only at those rows, in chunks); logits
+        `[B, T, V]` without labels or when `return_logits` is true.
         cache: a `KVCache` for generation; input_ids are then the tokens after those it holds, and
         positions continue from there (no packing)."""
         b, t = input_ids.shape
@@ -534,31 +492,20 @@ class GptOssForCausalLM(nn.Module):
                 x, logits = layer(x, cos, sin, masks, impl, cache)
             router_logits.append(logits)
         x = self.model.norm(x)
-        out = CausalLMOutput()
+        out = CausalLMOutput(hidden_states=x)
         if return_aux_loss:
             out.aux_loss = load_balancing_loss(router_logits, self.config.num_local_experts,
                                                self.config.num_experts_per_tok)
-        if labels is None:
+        if return_logits or (return_logits is None and labels is None):
             out.logits = self.lm_head(x)  # [B, T, V]
-            return out
-        out.loss, out.n_tokens = self._loss(x, labels, position_ids)
+        if labels is not None:
+            out.trained = trained_targets(labels, position_ids)
+            out.token_logprobs = target_logprobs(x[:, :-1][out.trained], self.lm_head.weight,
+                                                 labels[:, 1:][out.trained], chunk=self.logits_chunk_size)
+            out.n_tokens = out.token_logprobs.numel()
+            # no targets: a zero that still reaches every parameter, so DDP's hooks fire
+            out.loss = -out.token_logprobs.mean() if out.n_tokens else x.sum() * 0.0
         return out
-
-    def _loss(self, x: torch.Tensor, labels: torch.Tensor, position_ids: torch.Tensor):
-        """Mean next-token cross-entropy over labeled targets; logits only for those rows, in chunks."""
-        targets = labels[:, 1:]  # position t predicts token t + 1
-        keep = (targets != IGNORE_INDEX) & (position_ids[:, 1:] != 0)  # never across a packed boundary
-        hidden = x[:, :-1][keep]  # [n, H]
-        targets = targets[keep]  # [n]
-        n = targets.numel()
-        if n == 0:
-            return x.sum() * 0.0, 0
-        weight = self.lm_head.weight
-        if torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad):
-            total = _LinearCrossEntropy.apply(hidden, weight, targets, self.logits_chunk_size)
-        else:
-            total = _linear_cross_entropy(hidden, weight, targets, self.logits_chunk_size, False, False)[0]
-        return total / n, n
 
     # -- loading ----------------------------------------------------------------------------------
     @classmethod
@@ -568,8 +515,8 @@ class GptOssForCausalLM(nn.Module):
         with `original/`, or a hub id. experts="mxfp4" keeps experts as frozen MXFP4 buffers (a dense
         checkpoint is quantized on load, bit-exact when its values came from MXFP4); "dequantized"
         gives dense trainable experts. Floating-point parameters come back with requires_grad=True."""
-        if experts not in ("mxfp4", "dequantized"):
-            raise ValueError(f"experts must be 'mxfp4' or 'dequantized', got {experts!r}")
+        if experts not in EXPERT_FORMATS:
+            raise ValueError(f"experts must be one of {EXPERT_FORMATS}, got {experts!r}")
         ckpt = Checkpoint(path)
         ckpt.validate()
         config = ckpt.config
@@ -594,7 +541,7 @@ def _load_tensor(ckpt: Checkpoint, name: str, experts: str, dtype: torch.dtype, 
         layer, leaf = int(parts[2]), parts[-1]
         if experts == "dequantized" and leaf in EXPERT_PROJS:
             return ckpt.get_expert_weight(layer, leaf, dtype)  # [E, in, out]
-        if experts == "mxfp4" and ckpt.experts_format == "dense" and leaf.endswith(("_blocks", "_scales")):
+        if experts == "mxfp4" and ckpt.experts_format == "dequantized" and leaf.endswith(("_blocks", "_scales")):
             proj, kind = leaf.rsplit("_", 1)
             dense_name = name.rsplit(".", 1)[0] + "." + proj
             if dense_name not in quantized:

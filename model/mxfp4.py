@@ -64,7 +64,7 @@ def _cpu_pool() -> ThreadPoolExecutor:
 def dequantize(blocks: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
     """uint8 `[..., G, 16]` and `[..., G]` -> `[..., G*32]` of `dtype`, bit-exact to the spec.
 
-    A table look-up (DESIGN §6): index = scale byte * 256 + data byte picks both decoded values at
+    A table look-up (docs/ARCHITECTURE.md §6): index = scale byte * 256 + data byte picks both decoded values at
     once. On CPU the rows are cut into cache-sized tasks spread over a thread pool (the gathers
     release the GIL); ~14x transformers' decoder on 2 cores (benchmarks/bench_mxfp4.py).
     """
@@ -157,7 +157,7 @@ def quantize(w: torch.Tensor, rule: str = "search") -> tuple[torch.Tensor, torch
     """`[..., K]` (K a multiple of 32, blocks along the last dim) -> `(blocks [..., K/32, 16], scales [..., K/32])`.
 
     rule="search" (default) picks each block's scale among the spec exponent and its two neighbours
-    by least squared error (DESIGN §4: a few percent below the spec rule's MSE); rule="spec" is the
+    by least squared error (docs/ARCHITECTURE.md §4: a few percent below the spec rule's MSE); rule="spec" is the
     OCP rule alone, the baseline. The spec's exponent wins ties, so values already representable
     come back bit for bit, signed zeros included. Non-finite input is an error.
     """

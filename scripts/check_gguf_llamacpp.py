@@ -120,7 +120,9 @@ def main() -> int:
 
 def _merged_source(source: Path, work: Path) -> Path:
     """What our model loads: the checkpoint itself, or a run's merged MXFP4 export."""
-    if (source / "config.yaml").is_file():
+    from finetune.run import RunDir
+
+    if RunDir.is_run(source):
         from finetune.export import export
 
         return export(source, "mxfp4", work / "merged", requant="nearest").path

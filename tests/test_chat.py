@@ -15,7 +15,7 @@ import model as modellib
 from data.tokenizer import CALL, END, RETURN, get_tokenizer
 from finetune.cli import main
 from finetune.generate import chat_prompt, generate, parse_completion, prompt_of
-from finetune.lora import save_adapter
+from finetune.run import save_adapter
 
 ROOT = Path(__file__).resolve().parents[1]
 ROW = json.loads((ROOT / "recipes" / "data" / "quickstart_train.jsonl").read_text().splitlines()[0])
@@ -109,7 +109,8 @@ def test_chat_on_a_tiny_finetuned_model_answers_in_the_trained_format(tmp_path, 
         opt.zero_grad()
     run = tmp_path / "run"
     save_adapter(m, run / "adapter", base_model=str(tiny_hf))
-    (run / "config.yaml").write_text(yaml.safe_dump({"model": {"path": str(tiny_hf)}, "method": "lora"}))
+    (run / "config.yaml").write_text(yaml.safe_dump({"model": {"path": str(tiny_hf)}, "method": "lora",
+                                                     "data": {"train": "train.jsonl"}, "output_dir": str(run)}))
 
     system, user, assistant = ROW["messages"]
     assert main(["chat", str(run), "--prompt", user["content"], "--system", system["content"],

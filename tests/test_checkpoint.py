@@ -90,9 +90,9 @@ def test_transformers_loads_our_mxfp4_checkpoint_with_identical_experts(tiny_hf)
 
 def test_dense_experts_checkpoint_loads_in_transformers(tmp_path):
     transformers = pytest.importorskip("transformers")
-    out = write_random(tmp_path / "dense", preset("tiny"), seed=1, experts="dense")
+    out = write_random(tmp_path / "dense", preset("tiny"), seed=1, experts="dequantized")
     ck = Checkpoint(out)
-    assert ck.experts_format == "dense" and not ck.config.is_mxfp4
+    assert ck.experts_format == "dequantized" and not ck.config.is_mxfp4
     ck.validate()
     model = transformers.GptOssForCausalLM.from_pretrained(out, dtype=torch.float32)
     w = model.model.layers[1].mlp.experts.down_proj.data

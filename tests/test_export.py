@@ -14,10 +14,11 @@ from safetensors import safe_open
 
 import model as modellib
 from finetune.cli import main
-from finetune.export import choose_scales, export, gptq_quantize
-from finetune.lora import save_adapter
+from finetune.export import export
+from finetune.run import save_adapter
 from model import mxfp4
 from model.checkpoint import Checkpoint
+from model.gptq import choose_scales, gptq_quantize
 
 ROOT = Path(__file__).resolve().parents[1]
 QUICK_TRAIN = ROOT / "recipes" / "data" / "quickstart_train.jsonl"
@@ -78,7 +79,7 @@ def test_merged_export_equals_base_plus_adapter_in_transformers(tmp_path, tiny_h
     assert "quantization_config" not in cfg
     ck = Checkpoint(out)
     ck.validate()
-    assert ck.experts_format == "dense" and ck.get("model.layers.0.mlp.experts.down_proj").dtype == torch.bfloat16
+    assert ck.experts_format == "dequantized" and ck.get("model.layers.0.mlp.experts.down_proj").dtype == torch.bfloat16
 
     base = transformers.GptOssForCausalLM.from_pretrained(
         tiny_hf, quantization_config=transformers.Mxfp4Config(dequantize=True), dtype=torch.float32)
@@ -216,7 +217,7 @@ def test_gptq_rounding_beats_nearest_on_the_layer_output():
 
 
 def test_gptq_inverse_factor_is_the_upper_cholesky_of_the_inverse():
-    from finetune.export import _upper_cholesky_of_inverse
+    from model.gptq import _upper_cholesky_of_inverse
 
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(200, 48, generator=gen, dtype=torch.float64)

@@ -165,7 +165,7 @@ def test_modelfile_sits_next_to_the_gguf(exported):
 def test_run_dir_export_folds_the_lora_in(tmp_path, tiny_hf):
     import model as modellib
     from finetune.export import export
-    from finetune.lora import save_adapter
+    from finetune.run import save_adapter
 
     m = modellib.from_pretrained(tiny_hf, dtype=torch.float32, experts="mxfp4")
     modellib.add_lora(m, r=4, alpha=8, targets=["attention"])
@@ -177,7 +177,8 @@ def test_run_dir_export_folds_the_lora_in(tmp_path, tiny_hf):
     run = tmp_path / "run"
     save_adapter(m, run / "adapter", base_model=str(tiny_hf))
     (run / "config.yaml").write_text(yaml.safe_dump({"model": {"path": str(tiny_hf)}, "method": "lora",
-                                                     "lora": {"r": 4, "alpha": 8, "targets": ["attention"]}}))
+                                                     "lora": {"r": 4, "alpha": 8, "targets": ["attention"]},
+                                                     "data": {"train": "train.jsonl"}, "output_dir": str(run)}))
     r = export_gguf(run, tmp_path / "out" / "run.gguf", requant="nearest")
     assert r.experts_copied == 2 * 2 * 8 and r.experts_requantized == 0
     merged = Checkpoint(export(run, "merged", tmp_path / "merged").path)

@@ -182,7 +182,7 @@ def _tiny_experts(fmt, dtype, seed=0):
 
 
 def _expert_reference(ex, x, idx, w):
-    """Token by token, slot by slot, the formula of DESIGN §4 with PEFT's LoRA layout."""
+    """Token by token, slot by slot, the formula of docs/ARCHITECTURE.md §4 with PEFT's LoRA layout."""
     out = torch.zeros_like(x)
     E, s = ex.num_experts, ex.lora_scaling
     for t in range(x.shape[0]):

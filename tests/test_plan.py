@@ -1,6 +1,7 @@
 """`gptoss-ft plan`: the CPU prediction against the measured peak RSS of real training runs, the
 terms that must scale as documented, and the CLI."""
 
+import itertools
 import json
 import random
 import subprocess
@@ -10,10 +11,13 @@ from pathlib import Path
 import pytest
 import yaml
 
+from finetune import config as cfglib
 from finetune import plan as planlib
 from finetune.cli import main as cli
 from model.checkpoint import write_random
 from model.config import GptOssConfig, preset
+from model.lora import TARGETS, add_lora
+from model.modeling import GptOssForCausalLM
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -79,7 +83,7 @@ def test_terms_scale_as_documented():
     base = planlib.plan("gpt-oss-20b", seq_len=2048)
     two = planlib.plan("gpt-oss-20b", seq_len=2048, gpus=2)
     gb = base.breakdown
-    # LoRA r=16 on attention and experts of gpt-oss-20b: exact count from the shapes in DESIGN §4
+    # LoRA r=16 on attention and experts of gpt-oss-20b: exact count from the shapes in docs/ARCHITECTURE.md §4
     per_layer = 16 * ((2880 + 4096) * 2 + (2880 + 512) * 2) + 16 * 32 * (2880 + 5760) + 16 * 32 * (2880 + 2880)
     assert gb["trainable: LoRA adapters (fp32)"] == 24 * per_layer * 4
     assert gb["optimizer: AdamW m and v"] == 2 * gb["gradients"] == 2 * gb["trainable: LoRA adapters (fp32)"]
@@ -137,6 +141,54 @@ def test_shipped_recipes_fit_their_gpu(name, budget):
     assert planlib.auto_offload(str(path), 200) == 0  # a GPU large enough offloads nothing
 
 
+def test_lora_targets_decide_the_trainable_terms():
+    """Attention-only LoRA on 120b drops exactly the expert adapters: their fp32 values, gradients
+    and AdamW's m and v (4 + 4 + 8 bytes each)."""
+    both = planlib.plan("gpt-oss-120b", seq_len=2048, batch_size=1)
+    attention = planlib.plan("gpt-oss-120b", seq_len=2048, batch_size=1, lora_targets=("attention",))
+    # per layer (model/lora.py): gate_up A [r*E, H], B [2I, r*E]; down A [r*E, I], B [H, r*E]
+    expert_adapters = 36 * 16 * 128 * ((2880 + 2 * 2880) + (2880 + 2880))
+    assert both.peak_bytes - attention.peak_bytes == expert_adapters * (4 + 4 + 8)
+    assert attention.notes[-1].startswith("LoRA r=16 on attention (q, k, v, o): ")
+    every = planlib.plan("gpt-oss-120b", lora_targets=("router", "experts", "attention"))
+    assert "on attention (q, k, v, o), every expert (gate_up, down) and the router:" in every.notes[-1]
+    with pytest.raises(ValueError, match="unknown LoRA targets"):
+        planlib.plan("gpt-oss-120b", lora_targets=("mlp",))
+    with pytest.raises(ValueError, match="at least one target"):
+        planlib.plan("gpt-oss-120b", lora_targets=())
+
+
+def test_attention_only_recipe_offloads_no_experts():
+    """Without expert adapters the 120b recipe fits one 80 GB GPU with every expert on it."""
+    cfg = cfglib.load(ROOT / "configs" / "gpt-oss-120b-lora.yaml", ["lora.targets=[attention]"])
+    kw = planlib.config_kwargs(cfg)
+    assert kw["lora_targets"] == ("attention",)
+    kw.pop("offload_experts")
+    assert planlib.fit(75, **kw).offload_experts == 0
+    assert planlib.auto_offload(cfg, 75) == 0  # what the trainer does with `offload_experts: auto`
+
+
+@pytest.mark.parametrize("targets", [t for k in range(1, len(TARGETS) + 1) for t in itertools.combinations(TARGETS, k)])
+def test_lora_counts_equal_a_real_model(targets):
+    """On CPU (fp32, one process) the weight, MXFP4 and adapter terms are the real tiny model's
+    parameters and buffers, 4 bytes a value."""
+    m = GptOssForCausalLM(preset("tiny"), experts="mxfp4")
+    dense = sum(p.numel() for p in m.parameters())
+    mxfp4 = sum(b.numel() * b.element_size() for b in m.buffers())
+    add_lora(m, r=8, alpha=16, targets=targets)
+    trainable = sum(p.numel() for p in m.parameters() if p.requires_grad)
+    b = planlib.plan("tiny", device="cpu", lora_r=8, lora_targets=targets).breakdown
+    assert b["trainable: LoRA adapters (fp32)"] == trainable * 4
+    assert b["weights: attention, router, norms, lm_head, embeddings (model dtype)"] == dense * 4
+    assert b["weights: experts MXFP4 blocks + scales (uint8), 2 of 2 layers"] == mxfp4
+
+
+def test_full_counts_equal_a_real_model():
+    m = GptOssForCausalLM(preset("tiny"), experts="dequantized")
+    b = planlib.plan("tiny", method="full", device="cpu").breakdown
+    assert b["gradients"] == sum(p.numel() for p in m.parameters()) * 4
+
+
 def test_cli_json_and_table(capsys):
     assert cli(["plan", "--model", "gpt-oss-120b", "--method", "lora", "--seq-len", "2048", "--batch-size", "1",
                 "--gpus", "1", "--json"]) == 0
@@ -157,3 +209,20 @@ def test_cli_json_and_table(capsys):
     assert out["offload_experts"] == 0 and any("auto" in note for note in out["notes"])
     assert cli(["plan", "--model", "gpt-oss-20b", "--gradient-checkpointing", "--fit", "14", "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["peak_gib"] <= 14
+
+
+def test_cli_plans_a_config_with_overrides(capsys):
+    """`gptoss-ft plan --config FILE key=value`: the overrides `gptoss-ft train` would take."""
+    recipe = str(ROOT / "configs" / "gpt-oss-120b-lora.yaml")
+    peaks = {}
+    for targets in ("[attention, experts]", "[attention]"):
+        assert cli(["plan", "--config", recipe, f"lora.targets={targets}", "--fit", "75", "--json"]) == 0
+        out = json.loads(capsys.readouterr().out)
+        peaks[targets] = out["peak_gib"], out["offload_experts"]
+    assert peaks["[attention, experts]"][1] > 0 and peaks["[attention]"][1] == 0  # offloaded layers
+    assert cli(["plan", "--config", recipe, "lora.targets=[attention]", "--json"]) == 0
+    lower = json.loads(capsys.readouterr().out)["peak_gib"]
+    assert cli(["plan", "--config", recipe, "--json"]) == 0
+    assert lower < json.loads(capsys.readouterr().out)["peak_gib"] - 15  # the expert adapters' 15.8 GiB
+    assert cli(["plan", "--model", "gpt-oss-20b", "lora.r=8"]) == 2  # overrides need a config
+    assert "--config" in capsys.readouterr().err
