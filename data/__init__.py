@@ -3,12 +3,28 @@
     from data import load_examples, pack_examples, collate
     examples, report = load_examples("chats.jsonl", "messages", max_seq_len=2048)
     batch = collate(pack_examples(examples, 2048)[:8], pad_to=2048)
+
+    pairs, report = load_pairs("prefs.jsonl", max_seq_len=2048)     # DPO: PreferencePair(chosen, rejected, row)
+    prompts, report = load_prompts("tasks.jsonl", max_prompt_len=512)  # GRPO: PromptRow(prompt ids, columns, row)
 """
 
 from data.errors import DataError
-from data.formats import FORMATS, to_conversation
-from data.harmony import Message, render_examples
-from data.pipeline import Example, LoadReport, collate, load_examples, pack_examples, shuffle, train_eval_split
+from data.formats import FORMATS, PAIR_FORMATS, PROMPT_FORMATS, to_conversation
+from data.harmony import Message, render_examples, render_for_completion
+from data.pipeline import (
+    Example,
+    LoadReport,
+    PreferencePair,
+    PromptRow,
+    collate,
+    load_examples,
+    load_pairs,
+    load_prompts,
+    pack_examples,
+    render_prompt,
+    shuffle,
+    train_eval_split,
+)
 from data.tokenizer import get_tokenizer
 
 __all__ = [
@@ -17,11 +33,19 @@ __all__ = [
     "FORMATS",
     "LoadReport",
     "Message",
+    "PAIR_FORMATS",
+    "PROMPT_FORMATS",
+    "PreferencePair",
+    "PromptRow",
     "collate",
     "get_tokenizer",
     "load_examples",
+    "load_pairs",
+    "load_prompts",
     "pack_examples",
     "render_examples",
+    "render_for_completion",
+    "render_prompt",
     "shuffle",
     "to_conversation",
     "train_eval_split",

@@ -5,6 +5,9 @@ messages, openai   {"messages": [{"role", "content", "thinking"?, "tool_calls"?}
                    (one converter: chat-completions rows are HF messages rows with OpenAI tool calls).
 prompt_completion  {"prompt": str | messages, "completion": str | messages}
 sharegpt           {"conversations": [{"from": "human"|"gpt"|"system", "value": str}, ...]}
+preference         {"prompt": str | messages, "chosen": str | messages, "rejected": str | messages}
+                   (DPO), or chosen/rejected as whole conversations sharing their prompt
+prompts            {"prompt": str | messages, ...columns for reward functions} (GRPO)
 
 Every format honours the per-row columns `reasoning_effort` (low/medium/high), `developer`
 (instructions) and `tools` (OpenAI function specs, or a JSON string of them). The mapping of plain
@@ -37,6 +40,12 @@ from data.harmony import (
 )
 
 FORMATS = ("harmony", "messages", "openai", "prompt_completion", "sharegpt")
+"""Conversation formats: rows to train on with supervised fine-tuning."""
+PAIR_FORMATS = ("preference",)
+"""Rows of a prompt and a chosen and a rejected completion (method: dpo; `data.pipeline.load_pairs`)."""
+PROMPT_FORMATS = ("prompts",)
+"""Rows of a prompt for the model to answer, with columns for reward functions (method: grpo;
+`data.pipeline.load_prompts`)."""
 
 
 def _err(what: str, reason: str) -> DataError:
@@ -226,9 +235,17 @@ def _result_message(name: str, content, what: str) -> Message:
 def from_messages(row: Mapping, key: str = "messages", extra_instructions: Sequence[str] = ()) -> list[Message]:
     msgs = _messages_column(row, key)
     instructions = list(extra_instructions)
+    body = _convert(msgs, key, instructions)
+    return _head(row, instructions, _tools_column(row)) + body
+
+
+def _convert(msgs: list, key: str, instructions: list[str], lo: int = 0, hi: int | None = None) -> list[Message]:
+    """Messages `msgs[lo:hi]` -> Harmony messages; system/developer rows are appended to
+    `instructions`. Errors name `key[i]` with i the index in `msgs`."""
+    hi = len(msgs) if hi is None else hi
     body: list[Message] = []
-    i = 0
-    while i < len(msgs):
+    i = lo
+    while i < hi:
         m, what = msgs[i], f"{key}[{i}]"
         if not isinstance(m, Mapping):
             raise _err(f"{what} must be an object", "bad message")
@@ -245,7 +262,7 @@ def from_messages(row: Mapping, key: str = "messages", extra_instructions: Seque
                 raise _err(f"{what}.tool_calls must be a list", "bad tool call")
             calls = [_call_name(c, f"{what}.tool_calls[{j}]") for j, c in enumerate(calls)]
             results = []
-            while i < len(msgs) and isinstance(msgs[i], Mapping) and msgs[i].get("role") == "tool":
+            while i < hi and isinstance(msgs[i], Mapping) and msgs[i].get("role") == "tool":
                 results.append((i, msgs[i]))
                 i += 1
             body += _pair_calls(calls, results, key)
@@ -253,7 +270,7 @@ def from_messages(row: Mapping, key: str = "messages", extra_instructions: Seque
             raise _err(f"{what} is a tool result with no tool call before it", "tool result without call")
         else:
             raise _err(f"{what}.role must be system, developer, user, assistant or tool, got {role!r}", "unknown role")
-    return _head(row, instructions, _tools_column(row)) + body
+    return body
 
 
 def _pair_calls(calls: list[tuple[str, str, str | None]], results: list[tuple[int, Mapping]], key: str) -> list[Message]:
@@ -307,6 +324,168 @@ def from_sharegpt(row: Mapping) -> list[Message]:
     return from_messages({**row, "messages": msgs})
 
 
+# --- preference (DPO) and prompts (GRPO) ---
+#
+# MESSAGES_OR_TEXT: a string (one user message in a prompt, one final answer in a completion), one
+# message object, or a list of messages in the `messages` format; a JSON string of those is decoded.
+
+_HEAD_ROLES = ("system", "developer", "user")  # messages that are never part of a completion
+
+
+def _short(text, n: int = 60) -> str:
+    text = str(text)
+    return repr(text if len(text) <= n else text[: n - 3] + "...")
+
+
+def _turns(value, key: str, role: str) -> list[Mapping]:
+    """MESSAGES_OR_TEXT -> a non-empty list of message objects (a text becomes one `role` message)."""
+    if isinstance(value, str) and value.lstrip()[:1] in ("[", "{"):
+        # A JSON column (Parquet, CSV) of messages; text that only looks like JSON stays text.
+        try:
+            parsed = json.loads(value)
+        except json.JSONDecodeError:
+            parsed = None
+        if isinstance(parsed, Mapping) and "role" in parsed or isinstance(parsed, list) and parsed and all(
+                isinstance(m, Mapping) and "role" in m for m in parsed):
+            value = parsed
+    if isinstance(value, str):
+        if not value.strip():
+            raise _err(f"{key} is empty", "empty " + key)
+        return [{"role": role, "content": value}]
+    if isinstance(value, Mapping):
+        value = [value]
+    if not isinstance(value, list):
+        raise _err(f"{key} must be text, a message or a list of messages, got {type(value).__name__}", "bad " + key)
+    if not value:
+        raise _err(f"{key} is empty", "empty " + key)
+    for i, m in enumerate(value):
+        if not isinstance(m, Mapping):
+            raise _err(f"{key}[{i}] must be an object, got {type(m).__name__}", "bad message")
+    return value
+
+
+def _same(a: Mapping, b: Mapping) -> bool:
+    """Equal messages; absent and null keys are the same (Arrow fills absent struct fields with nulls)."""
+    return {k: v for k, v in a.items() if v is not None} == {k: v for k, v in b.items() if v is not None}
+
+
+def _instructions(row: Mapping) -> list[str]:
+    """A `system` column is a system message before the prompt's own (-> developer instructions)."""
+    system = row.get("system")
+    if system is None or system == "":
+        return []
+    return [_text(system, "system")]
+
+
+def _prompt(row: Mapping, msgs: list, key: str, hi: int | None = None) -> list[Message]:
+    """System, developer (with the row's effort, developer, system and tools columns) and the
+    prompt's messages `msgs[:hi]`."""
+    instructions = _instructions(row)
+    body = _convert(msgs, key, instructions, 0, hi)
+    if body and body[-1].role == "assistant" and body[-1].recipient is not None:
+        raise _err(f"{key} ends with a tool call awaiting its result (add the tool's result)", "bad prompt")
+    return _head(row, instructions, _tools_column(row)) + body
+
+
+def _completion(msgs: list, key: str, lo: int) -> list[Message]:
+    """`msgs[lo:]`: one assistant turn (assistant messages, tool results after its calls)."""
+    for i in range(lo, len(msgs)):
+        role = msgs[i].get("role")
+        if role in _HEAD_ROLES:
+            raise _err(f"{key}[{i}] is a {role} message, but {key} holds the completion only: the assistant's "
+                       "messages (and tool results after its calls). Give the prompt in 'prompt', or chosen and "
+                       "rejected as whole conversations that differ only in the assistant's reply", "bad completion")
+    if msgs[lo].get("role") != "assistant":
+        raise _err(f"{key}[{lo}] must be an assistant message (a completion starts with the assistant), "
+                   f"got {msgs[lo].get('role')!r}", "bad completion")
+    out = _convert(msgs, key, [], lo)
+    if out[-1].role != "assistant":
+        raise _err(f"{key} ends with a tool result: a completion ends with the assistant's answer or a tool call",
+                   "bad completion")
+    if any(m.channel == "final" for m in out[:-1]):
+        raise _err(f"{key} has a final answer before its end: a completion is one assistant turn", "bad completion")
+    if not any(isinstance(m.content, str) and m.content for m in out):
+        raise _err(f"{key} is empty", f"empty {key}")
+    return out
+
+
+def preference_conversations(row: Mapping) -> tuple[list[Message], list[Message], list[Message]]:
+    """A preference row -> (prompt, chosen, rejected) Harmony messages; prompt + chosen and
+    prompt + rejected are the two conversations to render.
+
+    Explicit form: `prompt` (text = one user message, or messages), `chosen` and `rejected` (text =
+    the final answer, one assistant message, or a list of assistant messages and tool results).
+    Implicit form: chosen and rejected are whole conversations (they hold system, developer or user
+    messages, as in HuggingFaceH4/ultrafeedback_binarized); the prompt is the messages they share
+    from the start, and a `prompt` column, if any, must agree with it (a text: its last user message).
+    Row columns `system`, `developer`, `tools` and `reasoning_effort` apply to the prompt.
+    """
+    if not isinstance(row, Mapping):
+        raise _err(f"a row must be a JSON object, got {type(row).__name__}", "not an object")
+    for key in ("chosen", "rejected"):
+        if row.get(key) is None:
+            raise _err(f"preference row missing {key!r} (columns: {', '.join(map(str, row)) or 'none'})",
+                       f"missing {key}")
+    chosen = _turns(row["chosen"], "chosen", "assistant")
+    rejected = _turns(row["rejected"], "rejected", "assistant")
+    if not any(m.get("role") in _HEAD_ROLES for m in chosen + rejected):
+        if row.get("prompt") is None:
+            raise _err(f"preference row missing 'prompt' (columns: {', '.join(map(str, row))}), and chosen and "
+                       "rejected are completions, not whole conversations", "missing prompt")
+        prompt = _turns(row["prompt"], "prompt", "user")
+        return _prompt(row, prompt, "prompt"), _completion(chosen, "chosen", 0), _completion(rejected, "rejected", 0)
+
+    n = 0
+    while n < min(len(chosen), len(rejected)) and _same(chosen[n], rejected[n]):
+        n += 1
+    if n == len(chosen) and n == len(rejected):
+        raise _err("chosen and rejected are the same conversation", "same chosen and rejected")
+    if n == 0:
+        whole = [k for k, msgs in (("chosen", chosen), ("rejected", rejected))
+                 if any(m.get("role") in _HEAD_ROLES for m in msgs)]
+        if len(whole) == 1:
+            other = "rejected" if whole == ["chosen"] else "chosen"
+            raise _err(f"{whole[0]} holds system, developer or user messages (a whole conversation) but {other} "
+                       "does not: give both as completions with a 'prompt', or both as whole conversations",
+                       "bad completion")
+        raise _err("chosen and rejected share no prompt: their first messages differ", "prompt disagrees")
+    given = row.get("prompt")
+    if isinstance(given, str) and not given.strip():
+        given = None  # an empty prompt column says nothing
+    if isinstance(given, str) and given.lstrip()[:1] in ("[", "{"):
+        given = _turns(given, "prompt", "user")
+        given = given[0]["content"] if len(given) == 1 and given[0].get("role") == "user" else given
+    if isinstance(given, str):
+        users = [m for m in chosen[:n] if m.get("role") == "user"]
+        last = _text(users[-1].get("content"), "chosen.content") if users else None
+        if last is None or last.strip() != given.strip():
+            said = f"its last user message is {_short(last)}" if users else "they share no user message"
+            raise _err(f"prompt and chosen disagree: 'prompt' is {_short(given)}, but chosen and rejected are whole "
+                       f"conversations whose shared start is the prompt, and {said}", "prompt disagrees")
+    elif isinstance(given, (list, Mapping)):
+        given = [given] if isinstance(given, Mapping) else given
+        tail = chosen[n - len(given):n]
+        if len(given) > n or not all(isinstance(g, Mapping) and _same(g, m) for g, m in zip(given, tail)):
+            raise _err(f"prompt and chosen disagree: the 'prompt' messages are not the end of the {n} messages "
+                       "chosen and rejected share (their prompt)", "prompt disagrees")
+    elif given is not None:
+        raise _err(f"prompt must be text or messages, got {type(given).__name__}", "bad prompt")
+    for key, msgs in (("chosen", chosen), ("rejected", rejected)):
+        if n == len(msgs):
+            raise _err(f"{key} is empty: it ends where the messages chosen and rejected share end", f"empty {key}")
+    return _prompt(row, chosen, "chosen", n), _completion(chosen, "chosen", n), _completion(rejected, "rejected", n)
+
+
+def prompt_conversation(row: Mapping) -> list[Message]:
+    """A prompts row -> the Harmony messages of its `prompt` (text = one user message, or messages),
+    with the row's `system`, `developer`, `tools` and `reasoning_effort` columns."""
+    if not isinstance(row, Mapping):
+        raise _err(f"a row must be a JSON object, got {type(row).__name__}", "not an object")
+    if row.get("prompt") is None:
+        raise _err(f"prompts row missing 'prompt' (columns: {', '.join(map(str, row)) or 'none'})", "missing prompt")
+    return _prompt(row, _turns(row["prompt"], "prompt", "user"), "prompt")
+
+
 CONVERTERS: dict[str, Callable[[Mapping], list[Message]]] = {
     "harmony": from_harmony,
     "messages": from_messages,
@@ -326,9 +505,11 @@ def to_conversation(row: Mapping, format: str) -> list[Message]:
 
 
 def detect_format(row: Mapping) -> tuple[str, str]:
-    """(format, why) from one row's shape."""
+    """(format, why) from one row's shape: one of FORMATS, PAIR_FORMATS or PROMPT_FORMATS."""
     if not isinstance(row, Mapping):
         raise _err(f"a row must be a JSON object, got {type(row).__name__}", "not an object")
+    if "chosen" in row and "rejected" in row:
+        return "preference", "'chosen' and 'rejected' columns"
     if "prompt" in row and "completion" in row:
         return "prompt_completion", "'prompt' and 'completion' columns"
     for key in ("conversations", "messages"):
@@ -346,6 +527,8 @@ def detect_format(row: Mapping) -> tuple[str, str]:
         if row.get("tools") or any(m.get("tool_calls") for m in first):
             return "openai", f"a {key!r} list with tool calls or a 'tools' column"
         return "messages", f"a {key!r} list of role/content messages"
+    if "prompt" in row:
+        return "prompts", "a 'prompt' column and no completion"
     raise _err(f"cannot tell the format from the columns {sorted(row)}; pass --format", "unknown format")
 
 

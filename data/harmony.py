@@ -11,7 +11,9 @@ text ordinary text. Only the renderer emits special tokens.
 A turn is the run of assistant messages (with the tool results between them) that ends in a
 `final` message, or in the conversation's last assistant message (e.g. a tool call awaiting its
 result). One example per turn: the conversation up to the end of that turn, with the analysis of
-earlier turns dropped, as at inference.
+earlier turns dropped, as at inference. `render_for_completion` renders a conversation as the model
+reads it before it writes (a prompt for sampling, GRPO, or the shared prompt of a DPO pair): the
+same tokens, by the same rules, as the training example that continues it with an assistant turn.
 """
 
 from __future__ import annotations
@@ -481,3 +483,36 @@ def render_examples(
             mask += [int(trained)] * (len(body) + 1)
         examples.append((ids, mask))
     return examples
+
+
+def render_for_completion(messages: Sequence[Message], *, reasoning_effort: str | None = None) -> list[int]:
+    """A conversation as the model reads it before writing its next message: token ids ending with
+    `<|start|>assistant` (openai-harmony's `render_conversation_for_completion` with analysis kept,
+    after dropping earlier turns' analysis).
+
+    The rules are `render_examples`'s, so these ids are exactly the prefix of the training example
+    that continues the conversation with an assistant turn: the analysis of turns that ended (a
+    `final` message, or an assistant message answered by a user, system or developer message) is
+    dropped; the analysis of a turn in progress (the conversation ends with a tool result, or with an
+    assistant message that is not `final`) is kept; every message ends with `<|end|>`, a tool call
+    with `<|call|>`. A conversation without a system message gets the default one.
+    """
+    msgs = list(messages)
+    if not any(m.role == "system" for m in msgs):
+        msgs.insert(0, Message("system", SystemContent(reasoning_effort=reasoning_effort or "medium")))
+    heads = [_head(m) for m in msgs]
+    ends = [i for i, m in enumerate(msgs) if m.role == "assistant" and (
+        m.channel == "final" or (i + 1 < len(msgs) and msgs[i + 1].role in ("user", "system", "developer")))]
+    prev = ends[-1] if ends else -1
+    keep = [i for i in range(len(msgs)) if not (i <= prev and msgs[i].channel == "analysis")]
+    has_fn = any(isinstance(p, DeveloperContent) and p.has_function_tools
+                 for i in keep if msgs[i].role == "developer" for p in msgs[i].parts)
+    ids: list[int] = []
+    for i in keep:
+        m = msgs[i]
+        ids += heads[i]
+        ids += _body(m, has_fn)
+        ids.append(CALL if m.role == "assistant" and m.recipient is not None else END)
+    ids.append(START)
+    ids += _encode_cached("assistant")
+    return ids

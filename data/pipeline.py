@@ -1,4 +1,4 @@
-"""Load rows, render them to examples, pack and collate.
+"""Load rows, render them to examples (SFT), preference pairs (DPO) or prompts (GRPO), pack and collate.
 
 Reading. Local `.jsonl`/`.json` files are parsed with the standard library, row by row: that keeps
 each row exactly as written (Arrow would unify nested structs across rows, turning absent keys into
@@ -24,8 +24,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from data.errors import DataError
-from data.formats import FORMATS, announce, detect_format, to_conversation
-from data.harmony import LOSS_ON, REASONING_EFFORTS, render_examples
+from data.formats import (
+    FORMATS,
+    PAIR_FORMATS,
+    PROMPT_FORMATS,
+    announce,
+    detect_format,
+    preference_conversations,
+    prompt_conversation,
+    to_conversation,
+)
+from data.harmony import LOSS_ON, REASONING_EFFORTS, Message, render_examples, render_for_completion
 from data.tokenizer import PAD, get_tokenizer
 
 LOCAL_SUFFIXES = (".jsonl", ".json", ".parquet", ".csv")
@@ -49,29 +58,52 @@ class Example:
 
 
 @dataclass
+class PreferencePair:
+    """One DPO pair: prompt + chosen and prompt + rejected, each ending at its completion's end.
+    Both start with the same prompt tokens; only completion tokens have loss_mask 1."""
+
+    chosen: Example
+    rejected: Example
+    row: int  # index of the source row
+
+
+@dataclass
+class PromptRow:
+    """One GRPO prompt: what the model reads before it answers, and the row's other columns."""
+
+    prompt: list[int]  # token ids ending with <|start|>assistant
+    columns: dict  # the row's other fields (for reward functions)
+    row: int  # index of the source row
+    given: object = None  # the row's `prompt` as written (text or messages): what reward functions see
+
+
+@dataclass
 class LoadReport:
-    """What `load_examples` did: the format chosen, and every row or example it left out, by reason."""
+    """What `load_examples` (`load_pairs`, `load_prompts`) did: the format chosen, and every row or
+    example (pair, prompt) it left out, by reason."""
 
     source: str = ""
     format: str = ""
     rows: int = 0
-    examples: int = 0
+    examples: int = 0  # examples, pairs or prompts kept (`unit`)
     tokens: int = 0
     trained_tokens: int = 0
     skipped: Counter = field(default_factory=Counter)  # rows, per reason (on_error="skip")
     dropped: Counter = field(default_factory=Counter)  # examples, per reason (length, nothing trained)
     truncated: int = 0
     first_errors: dict[str, str] = field(default_factory=dict)  # reason -> first full message
+    unit: str = "examples"  # what `examples` counts: examples, pairs or prompts
 
     def __str__(self) -> str:
-        line = (f"{self.source}: format {self.format}, {self.rows} rows -> {self.examples} examples "
-                f"({self.tokens} tokens, {self.trained_tokens} trained)")
+        line = f"{self.source}: format {self.format}, {self.rows} rows -> {self.examples} {self.unit} "
+        line += (f"({self.tokens} tokens)" if self.unit == "prompts" else
+                 f"({self.tokens} tokens, {self.trained_tokens} trained)")
         if self.skipped:
             line += f"; skipped {sum(self.skipped.values())} rows: " + _counts(self.skipped)
         if self.dropped:
-            line += f"; dropped {sum(self.dropped.values())} examples: " + _counts(self.dropped)
+            line += f"; dropped {sum(self.dropped.values())} {self.unit}: " + _counts(self.dropped)
         if self.truncated:
-            line += f"; truncated {self.truncated} examples"
+            line += f"; truncated {self.truncated} {self.unit}"
         return line
 
 
@@ -181,6 +213,46 @@ def _render_chunk(args):
     return [_render_row(row, fmt, split_turns, loss_on, effort) for row in rows]
 
 
+CHUNK_ROWS = 512
+
+
+def _map_chunks(worker, rows: list[tuple[str, object]], args: tuple, num_proc: int | None) -> list:
+    """`worker((chunk_rows, *args))` over chunks of rows, in `num_proc` forked processes when asked;
+    the results of all rows, in input order."""
+    jobs = [([r for _, r in rows[i:i + CHUNK_ROWS]], *args) for i in range(0, len(rows), CHUNK_ROWS)]
+    if num_proc and num_proc > 1 and len(jobs) > 1:
+        import gc
+        import multiprocessing
+
+        gc.freeze()  # workers' GC would otherwise touch, and so copy, every object inherited by fork
+        try:
+            with multiprocessing.get_context("fork").Pool(num_proc) as pool:
+                return [r for chunk in pool.imap(worker, jobs) for r in chunk]
+        finally:
+            gc.unfreeze()
+    return [r for job in jobs for r in worker(job)]
+
+
+def _failed(result, loc: str, on_error: str, report: LoadReport) -> bool:
+    """True when `result` is an error (raised with its location, or counted as skipped)."""
+    if result[0] != "error":
+        return False
+    _, reason, message = result
+    if on_error == "raise":
+        raise DataError(f"{loc}: {message}", reason)
+    report.skipped[reason] += 1
+    report.first_errors.setdefault(reason, f"{loc}: {message}")
+    return True
+
+
+def _first_row(where: str, rows: list[tuple[str, object]]) -> tuple[str, Mapping]:
+    """(location, row) of the first row that is an object; the first row's error when none is."""
+    for loc, r in rows:
+        if isinstance(r, Mapping):
+            return loc, r
+    raise DataError(f"{where}: no rows to read" if not rows else f"{rows[0][0]}: {rows[0][1]}", "no rows")
+
+
 def _check(name: str, value, allowed) -> None:
     if value not in allowed:
         raise DataError(f"{name} must be one of {', '.join(map(str, allowed))}, got {value!r}", "bad option")
@@ -208,6 +280,10 @@ def load_examples(
     than `max_seq_len` are dropped (`truncation="drop"`) or cut to length (`"truncate"`; cut
     examples left with nothing to train are dropped). Dropped examples are counted, never silent.
     """
+    if format in PAIR_FORMATS or format in PROMPT_FORMATS:
+        raise DataError(f"format {format!r} is not for supervised fine-tuning: "
+                        + (f"{format} rows train with method: dpo (data.load_pairs)" if format in PAIR_FORMATS else
+                           f"{format} rows train with method: grpo (data.load_prompts)"), "bad option")
     _check("format", format, ("auto", *FORMATS))
     _check("on_error", on_error, ON_ERROR)
     _check("loss_on", loss_on, LOSS_ON)
@@ -217,37 +293,26 @@ def load_examples(
     where, rows = read_rows(source, split)
     report = LoadReport(source=where, rows=len(rows))
     if format == "auto":
-        first = next((r for _, r in rows if isinstance(r, Mapping)), None)
-        if first is None:
-            raise DataError(f"{where}: no rows to read" if not rows else f"{rows[0][0]}: {rows[0][1]}", "no rows")
-        loc = next(loc for loc, r in rows if r is first)
-        format, why = detect_format(first)
+        loc, first = _first_row(where, rows)
+        try:
+            format, why = detect_format(first)
+        except DataError as e:
+            raise DataError(f"{loc}: {e}", e.reason) from None
+        if format in PAIR_FORMATS:
+            raise DataError(f"{loc}: a preference row ({why}): it trains with method: dpo (data.format: auto or "
+                            f"{format}), not supervised fine-tuning; for SFT on the chosen answers, give them as "
+                            "messages or prompt/completion rows", "preference data")
+        if format in PROMPT_FORMATS:
+            raise DataError(f"{loc}: a prompts row ({why}): prompts train with method: grpo "
+                            f"(data.format: auto or {format}); supervised fine-tuning needs the answer too (a "
+                            "'completion' column, or messages)", "prompt data")
         announce(format, why, loc)
     report.format = format
 
-    chunks = [[r for _, r in rows[i:i + 512]] for i in range(0, len(rows), 512)]
-    jobs = [(chunk, format, split_turns, loss_on, reasoning_effort) for chunk in chunks]
-    if num_proc and num_proc > 1 and len(chunks) > 1:
-        import gc
-        import multiprocessing
-
-        gc.freeze()  # workers' GC would otherwise touch, and so copy, every object inherited by fork
-        try:
-            with multiprocessing.get_context("fork").Pool(num_proc) as pool:
-                results = [r for chunk in pool.imap(_render_chunk, jobs) for r in chunk]
-        finally:
-            gc.unfreeze()
-    else:
-        results = [r for job in jobs for r in _render_chunk(job)]
-
+    results = _map_chunks(_render_chunk, rows, (format, split_turns, loss_on, reasoning_effort), num_proc)
     examples = []
     for index, ((loc, _), result) in enumerate(zip(rows, results)):
-        if result[0] == "error":
-            _, reason, message = result
-            if on_error == "raise":
-                raise DataError(f"{loc}: {message}", reason)
-            report.skipped[reason] += 1
-            report.first_errors.setdefault(reason, f"{loc}: {message}")
+        if _failed(result, loc, on_error, report):
             continue
         for ids, mask in result[1]:
             if max_seq_len is not None and len(ids) > max_seq_len:
@@ -267,6 +332,176 @@ def load_examples(
     report.tokens = sum(len(e) for e in examples)
     report.trained_tokens = sum(sum(e.loss_mask) for e in examples)
     return examples, report
+
+
+# --- preference pairs (DPO) ---
+
+def _render_pair(row, loss_on: str, effort: str | None):
+    """("ok", [(ids, mask) chosen, (ids, mask) rejected]) or ("error", reason, message)."""
+    if isinstance(row, DataError):
+        return "error", row.reason, str(row)
+    try:
+        prompt, chosen, rejected = preference_conversations(row)
+        prompt_ids = render_for_completion(prompt, reasoning_effort=effort)
+        n = len(prompt_ids)
+        sides = []
+        for name, completion in (("chosen", chosen), ("rejected", rejected)):
+            ids, mask = render_examples(prompt + completion, split_turns=False, loss_on=loss_on,
+                                        reasoning_effort=effort)[-1]
+            if ids[:n] != prompt_ids:  # the renderers' rules agree by construction; this says if they ever do not
+                raise DataError(f"prompt + {name} does not start with the prompt's own tokens", "prompt mismatch")
+            # The prompt is given, not generated: only the completion trains (a prompt that ends inside an
+            # assistant turn, after a tool result, would otherwise train that turn's earlier messages).
+            mask[:n] = [0] * n
+            sides.append((ids, mask))
+        return "ok", sides
+    except DataError as e:
+        return "error", e.reason, str(e)
+    except (TypeError, AttributeError, KeyError, ValueError) as e:  # a shape no check anticipated
+        return "error", "malformed row", f"malformed row ({type(e).__name__}: {e})"
+
+
+def _render_pair_chunk(args):
+    rows, loss_on, effort = args
+    return [_render_pair(row, loss_on, effort) for row in rows]
+
+
+def load_pairs(
+    source,
+    *,
+    split: str = "train",
+    on_error: str = "raise",
+    loss_on: str = "last_turn",
+    reasoning_effort: str | None = None,
+    max_seq_len: int | None = None,
+    truncation: str = "drop",
+    num_proc: int | None = None,
+) -> tuple[list[PreferencePair], LoadReport]:
+    """Preference rows -> pairs, in input order, and a report (format "preference", unit "pairs").
+
+    Rows: `data.formats.preference_conversations` (explicit prompt/chosen/rejected, or chosen and
+    rejected as whole conversations sharing their prompt). Each side is the prompt plus that
+    completion, rendered by the SFT rules (one example ending at the completion's end); its loss mask
+    covers the completion's tokens by `loss_on`, never the prompt's. Both sides start with the same
+    prompt tokens (`render_for_completion` of the prompt), which is checked. A pair with a side longer
+    than `max_seq_len` is dropped, or both sides are cut to it (`truncation="truncate"`; a side left
+    with nothing trained drops the pair); a side with nothing to train drops the pair; all counted.
+    source, split, on_error, num_proc: as for `load_examples`; a first row with neither 'chosen' nor
+    'rejected' is an error whatever on_error says (the data is not preference data).
+    """
+    _check("on_error", on_error, ON_ERROR)
+    _check("loss_on", loss_on, LOSS_ON)
+    _check("truncation", truncation, TRUNCATION)
+    _check("reasoning_effort", reasoning_effort, (None, *REASONING_EFFORTS))
+    get_tokenizer()
+    where, rows = read_rows(source, split)
+    report = LoadReport(source=where, format=PAIR_FORMATS[0], rows=len(rows), unit="pairs")
+    loc, first = _first_row(where, rows)
+    if "chosen" not in first and "rejected" not in first:
+        raise DataError(f"{loc}: not a preference row: no 'chosen' and 'rejected' columns (columns: "
+                        f"{', '.join(map(str, first))}); method: dpo needs prompt/chosen/rejected rows",
+                        "not preference data")
+
+    results = _map_chunks(_render_pair_chunk, rows, (loss_on, reasoning_effort), num_proc)
+    pairs = []
+    for index, ((loc, _), result) in enumerate(zip(rows, results)):
+        if _failed(result, loc, on_error, report):
+            continue
+        (c_ids, c_mask), (r_ids, r_mask) = result[1]
+        if max_seq_len is not None and max(len(c_ids), len(r_ids)) > max_seq_len:
+            if truncation == "drop":
+                report.dropped[f"longer than max_seq_len={max_seq_len}"] += 1
+                continue
+            c_ids, c_mask, r_ids, r_mask = (x[:max_seq_len] for x in (c_ids, c_mask, r_ids, r_mask))
+            if not any(c_mask) or not any(r_mask):
+                report.dropped["nothing trained left after truncation"] += 1
+                continue
+            report.truncated += 1
+        if not any(c_mask) or not any(r_mask):
+            report.dropped[f"nothing to train (loss_on={loss_on})"] += 1
+            continue
+        pairs.append(PreferencePair(Example(c_ids, c_mask, index), Example(r_ids, r_mask, index), index))
+    report.examples = len(pairs)
+    report.tokens = sum(len(p.chosen) + len(p.rejected) for p in pairs)
+    report.trained_tokens = sum(sum(p.chosen.loss_mask) + sum(p.rejected.loss_mask) for p in pairs)
+    return pairs, report
+
+
+# --- prompts (GRPO) ---
+
+def render_prompt(prompt, *, reasoning_effort: str | None = None) -> list[int]:
+    """Token ids of a prompt as the model reads it before answering, ending with `<|start|>assistant`.
+
+    prompt: a text (one user message), a list of messages in the `messages` row format (system ->
+    developer instructions, user, assistant with `thinking`/`content`/`tool_calls`, tool results),
+    or a list of `data.harmony.Message`. Earlier turns' analysis is dropped; without a system
+    message the default one is used, with `reasoning_effort` (default medium).
+    """
+    if isinstance(prompt, (list, tuple)) and prompt and all(isinstance(m, Message) for m in prompt):
+        conv = list(prompt)
+    else:
+        conv = prompt_conversation({"prompt": list(prompt) if isinstance(prompt, tuple) else prompt})
+    return render_for_completion(conv, reasoning_effort=reasoning_effort)
+
+
+def _render_prompt_row(row, effort: str | None):
+    """("ok", ids, columns, prompt) or ("error", reason, message)."""
+    if isinstance(row, DataError):
+        return "error", row.reason, str(row)
+    try:
+        ids = render_for_completion(prompt_conversation(row), reasoning_effort=effort)
+        return "ok", ids, {k: v for k, v in row.items() if k != "prompt"}, row["prompt"]
+    except DataError as e:
+        return "error", e.reason, str(e)
+    except (TypeError, AttributeError, KeyError, ValueError) as e:
+        return "error", "malformed row", f"malformed row ({type(e).__name__}: {e})"
+
+
+def _render_prompt_chunk(args):
+    rows, effort = args
+    return [_render_prompt_row(row, effort) for row in rows]
+
+
+def load_prompts(
+    source,
+    *,
+    split: str = "train",
+    on_error: str = "raise",
+    reasoning_effort: str | None = None,
+    max_prompt_len: int | None = None,
+    num_proc: int | None = None,
+) -> tuple[list[PromptRow], LoadReport]:
+    """Prompts rows -> `PromptRow`s, in input order, and a report (format "prompts", unit "prompts").
+
+    A row is `{"prompt": text or messages, ...}` (`data.formats.prompt_conversation`; the `system`,
+    `developer`, `tools` and `reasoning_effort` columns apply); its ids are `render_prompt`'s, and
+    every other column is kept in `columns` for reward functions. Prompts longer than
+    `max_prompt_len` tokens are dropped and counted. source, split, on_error, num_proc: as for
+    `load_examples`; a first row without 'prompt' is an error whatever on_error says.
+    """
+    _check("on_error", on_error, ON_ERROR)
+    _check("reasoning_effort", reasoning_effort, (None, *REASONING_EFFORTS))
+    get_tokenizer()
+    where, rows = read_rows(source, split)
+    report = LoadReport(source=where, format=PROMPT_FORMATS[0], rows=len(rows), unit="prompts")
+    loc, first = _first_row(where, rows)
+    if "prompt" not in first:
+        raise DataError(f"{loc}: not a prompts row: no 'prompt' column (columns: {', '.join(map(str, first))}); "
+                        "method: grpo needs rows with a 'prompt'", "not prompt data")
+
+    results = _map_chunks(_render_prompt_chunk, rows, (reasoning_effort,), num_proc)
+    prompts = []
+    for index, ((loc, _), result) in enumerate(zip(rows, results)):
+        if _failed(result, loc, on_error, report):
+            continue
+        _, ids, columns, given = result
+        if max_prompt_len is not None and len(ids) > max_prompt_len:
+            report.dropped[f"prompt longer than max_prompt_len={max_prompt_len}"] += 1
+            continue
+        prompts.append(PromptRow(ids, columns, index, given))
+    report.examples = len(prompts)
+    report.tokens = sum(len(p.prompt) for p in prompts)
+    return prompts, report
 
 
 def train_eval_split(examples: Sequence[Example], eval_size: float | int, *, seed: int = 0
