@@ -121,7 +121,52 @@ def _export(quick: bool) -> list[dict]:
     ]
 
 
-BENCHES = {"train_step": _train_step, "moe": _moe, "mxfp4": _mxfp4, "harmony": _harmony, "export": _export}
+def _dpo(quick: bool) -> list[dict]:
+    from benchmarks import bench_dpo
+
+    r = bench_dpo.main(["--quick"] if quick else [])
+    ours, peer = r["results"]["ours"], r["results"]["trl"]
+    s = r["shape"]
+    full_layers = bench_dpo.SHAPE["num_hidden_layers"]
+    layers = f"{s['num_hidden_layers']} layers" + (f" (--quick; the full run has {full_layers} and twice the tokens)"
+                                                  if s["num_hidden_layers"] != full_layers else "")
+    what = (f"DPO LoRA step (sigmoid, attn+experts, r={s['lora_r']}), {layers} H={s['hidden_size']} "
+            f"E={s['num_local_experts']} top-{s['num_experts_per_tok']} V={s['vocab_size']}, {s['pairs']} pairs "
+            f"({s['prompt']}-token prompt, {s['chosen']}/{s['rejected']}-token completions), fp32 CPU")
+    same = r["first_logps_rel_diff"] < 1e-4  # B = 0: both sides' first-step log-probs are the base model's
+    peer_name = "TRL DPOTrainer + PEFT on transformers GptOss, reference forward in each step"
+    return [
+        {"what": what + ": tokens/s, ours charged its one-off reference pass on every step", "ours":
+         ours["tokens_per_s_with_ref"], "peer": peer["tokens_per_s"], "peer_name": peer_name, "ratio": r["speed_ratio"],
+         "goal": ">= 1.5x", "met": r["speed_ratio"] >= 1.5 and same, "unit": "tokens/s", "detail": r},
+        {"what": what + ": tokens/s, step alone (ours' reference log-probs precomputed)", "ours": ours["tokens_per_s"],
+         "peer": peer["tokens_per_s"], "peer_name": peer_name, "ratio": r["speed_ratio_step_only"],
+         "goal": "(reported)", "met": None, "unit": "tokens/s"},
+        {"what": what + ": peak RSS", "ours": ours["peak_rss_bytes"] / GIB, "peer": peer["peak_rss_bytes"] / GIB,
+         "peer_name": peer_name, "ratio": r["memory_ratio"], "goal": "<= 0.5x", "met": r["memory_ratio"] <= 0.5,
+         "unit": "GiB"},
+    ]
+
+
+def _rollouts(quick: bool) -> list[dict]:
+    from benchmarks import bench_rollouts
+
+    r = bench_rollouts.main(["--quick"] if quick else [])
+    ours, peer = r["results"]["ours"], r["results"]["peer"]
+    s = r["shape"]
+    full_layers = bench_rollouts.SHAPE["num_hidden_layers"]
+    layers = f"{s['num_hidden_layers']} layers" + (f" (--quick; the full run has {full_layers})"
+                                                  if s["num_hidden_layers"] != full_layers else "")
+    what = (f"GRPO rollouts with LoRA (attn+experts, r={s['lora_r']}), {layers} H={s['hidden_size']} "
+            f"E={s['num_local_experts']} top-{s['num_experts_per_tok']} V={s['vocab_size']}, {s['generations']} x "
+            f"{s['new_tokens']} sampled tokens after a {s['prompt_tokens']}-token prompt, fp32 CPU: tokens/s")
+    return [{"what": what, "ours": ours["tokens_per_s"], "peer": peer["tokens_per_s"],
+             "peer_name": "transformers generate + PEFT (unmerged)", "ratio": r["speed_ratio"], "goal": "(reported)",
+             "met": None if r["same_top5"] else False, "unit": "tokens/s", "detail": r}]
+
+
+BENCHES = {"train_step": _train_step, "moe": _moe, "mxfp4": _mxfp4, "harmony": _harmony, "export": _export,
+           "dpo": _dpo, "rollouts": _rollouts}
 
 
 def _fmt(x) -> str:

@@ -12,6 +12,7 @@ from collections.abc import Callable
 
 from data import DataError
 from data.formats import FORMATS as DATA_FORMATS
+from data.formats import PAIR_FORMATS, PROMPT_FORMATS
 from data.harmony import LOSS_ON, REASONING_EFFORTS
 from data.pipeline import ON_ERROR
 from model.checkpoint import LAYOUTS, CheckpointError
@@ -19,7 +20,7 @@ from model.config import PRESETS
 from model.config import ConfigError as ModelConfigError
 from model.experts import EXPERT_FORMATS
 
-from .config import METHODS, ConfigError
+from .config import TRAINABLE, ConfigError
 from .export import FORMATS as EXPORT_FORMATS
 from .export import REQUANT
 from .plan import DEVICES, PlanError
@@ -47,10 +48,13 @@ def _init(args: argparse.Namespace) -> int:
 
 def _render_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("file", help="a local JSON/JSONL/Parquet/CSV file or folder, or a hub dataset id")
-    p.add_argument("--format", default="auto", choices=("auto", *DATA_FORMATS),
-                   help="row format (default: auto, decided from the first row)")
+    p.add_argument("--format", default="auto", choices=("auto", *DATA_FORMATS, *PAIR_FORMATS, *PROMPT_FORMATS),
+                   help="row format (default: auto, decided from the first row); preference: DPO pairs, "
+                        "both sides shown; prompts: GRPO prompts")
     p.add_argument("--jsonl", action="store_true",
-                   help='one {"input_ids": [...], "loss_mask": [...]} per example on stdout, in input order')
+                   help='one {"input_ids": [...], "loss_mask": [...]} per example on stdout, in input order; '
+                        'preference: {"chosen": {...}, "rejected": {...}} per pair; '
+                        'prompts: {"prompt_ids": [...], "columns": {...}} per row')
     p.add_argument("--no-split-turns", action="store_true",
                    help="one example per row (its last assistant turn) instead of one per assistant turn")
     p.add_argument("--loss-on", choices=LOSS_ON, default="last_turn")
@@ -61,21 +65,42 @@ def _render_args(p: argparse.ArgumentParser) -> None:
 
 
 def _render(args: argparse.Namespace) -> int:
-    """Examples as JSONL on stdout, or a human view with trained spans highlighted."""
-    from data import load_examples
+    """Examples (pairs, prompts) as JSONL on stdout, or a human view with trained spans highlighted."""
+    from data import load_examples, load_pairs, load_prompts
 
-    examples, report = load_examples(
-        args.file, args.format, split=args.split, on_error=args.on_error, split_turns=not args.no_split_turns,
-        loss_on=args.loss_on, reasoning_effort=args.reasoning_effort,
-    )
+    kind = ("pairs" if args.format in PAIR_FORMATS else "prompts" if args.format in PROMPT_FORMATS
+            else "examples")
+    if kind == "examples":
+        try:
+            items, report = load_examples(
+                args.file, args.format, split=args.split, on_error=args.on_error,
+                split_turns=not args.no_split_turns, loss_on=args.loss_on, reasoning_effort=args.reasoning_effort,
+            )
+        except DataError as e:  # format auto on DPO or GRPO rows: show them as such
+            if args.format != "auto" or e.reason not in ("preference data", "prompt data"):
+                raise
+            kind = "pairs" if e.reason == "preference data" else "prompts"
+            fmt, what = ((PAIR_FORMATS[0], "a preference row") if kind == "pairs"
+                         else (PROMPT_FORMATS[0], "a prompt row"))
+            print(f"data: format auto -> {fmt} ({what} in {str(e).split(': ', 1)[0]})", file=sys.stderr)
+    if kind == "pairs":
+        items, report = load_pairs(args.file, split=args.split, on_error=args.on_error, loss_on=args.loss_on,
+                                   reasoning_effort=args.reasoning_effort)
+    elif kind == "prompts":
+        items, report = load_prompts(args.file, split=args.split, on_error=args.on_error,
+                                     reasoning_effort=args.reasoning_effort)
     try:
         if args.jsonl:
             write = sys.stdout.write
-            for e in examples:
-                write(json.dumps({"input_ids": e.input_ids, "loss_mask": e.loss_mask}) + "\n")
+            for item in items:
+                write(json.dumps(_jsonl_record(kind, item), ensure_ascii=False, default=str) + "\n")
             sys.stdout.flush()
+        elif kind == "pairs":
+            _show_pairs(items, args.limit)
+        elif kind == "prompts":
+            _show_prompts(items, args.limit)
         else:
-            _show_examples(examples, args.limit)
+            _show_examples(items, args.limit)
     except BrokenPipeError:  # `| head` closed the pipe: not an error
         sys.stdout = open(os.devnull, "w")
     print(report, file=sys.stderr)
@@ -84,36 +109,89 @@ def _render(args: argparse.Namespace) -> int:
     return 0
 
 
-def _show_examples(examples, limit: int | None) -> None:
-    """One rule per example, then its text: trained tokens green, special tokens cyan, one message per line."""
-    from rich.console import Console
+def _jsonl_record(kind: str, item) -> dict:
+    if kind == "pairs":
+        return {side: {"input_ids": e.input_ids, "loss_mask": e.loss_mask}
+                for side, e in (("chosen", item.chosen), ("rejected", item.rejected))}
+    if kind == "prompts":
+        return {"prompt_ids": item.prompt, "columns": item.columns}
+    return {"input_ids": item.input_ids, "loss_mask": item.loss_mask}
+
+
+def _styled(ids: list[int], mask: list[int]):
+    """The text of token ids: trained tokens green, special tokens cyan, one message per line."""
     from rich.text import Text
 
     from data.tokenizer import CALL, END, RETURN, STARTOFTEXT, get_tokenizer
 
     tok = get_tokenizer()
-    console = Console(highlight=False)
-    for k, e in enumerate(examples[:limit] if limit is not None else examples):
-        trained = sum(e.loss_mask)
-        console.rule(f"example {k} (row {e.row}): {len(e)} tokens, {trained} trained", style="dim")
-        text = Text()
-        start = 0
-        for i in range(1, len(e) + 1):  # spans of equal mask and kind (special or not), cut after each message
-            ends_message = e.input_ids[i - 1] in (END, RETURN, CALL)
-            if (i < len(e) and not ends_message and e.loss_mask[i] == e.loss_mask[start]
-                    and (e.input_ids[i] >= STARTOFTEXT) == (e.input_ids[start] >= STARTOFTEXT)):
-                continue
-            piece = tok.decode(e.input_ids[start:i])
-            special = e.input_ids[start] >= STARTOFTEXT
-            style = ("bold green" if e.loss_mask[start] else "") + (" cyan" if special else "")
-            text.append(piece, style=style.strip() or None)
-            if ends_message and i < len(e):
-                text.append("\n")  # one message per line; the tokens have no newline here
-            start = i
-        console.print(text, soft_wrap=True)
-    if limit is not None and len(examples) > limit:
-        console.print(f"... {len(examples) - limit} more examples (raise --limit to see them)", style="dim")
-    console.print("[green bold]green[/]: trained tokens (loss mask 1); [cyan]cyan[/]: special tokens", style="dim")
+    text = Text()
+    start = 0
+    for i in range(1, len(ids) + 1):  # spans of equal mask and kind (special or not), cut after each message
+        ends_message = ids[i - 1] in (END, RETURN, CALL)
+        if (i < len(ids) and not ends_message and mask[i] == mask[start]
+                and (ids[i] >= STARTOFTEXT) == (ids[start] >= STARTOFTEXT)):
+            continue
+        piece = tok.decode(ids[start:i])
+        special = ids[start] >= STARTOFTEXT
+        style = ("bold green" if mask[start] else "") + (" cyan" if special else "")
+        text.append(piece, style=style.strip() or None)
+        if ends_message and i < len(ids):
+            text.append("\n")  # one message per line; the tokens have no newline here
+        start = i
+    return text
+
+
+def _console():
+    from rich.console import Console
+
+    return Console(highlight=False)
+
+
+def _more(console, shown: int, total: int, unit: str) -> None:
+    if shown < total:
+        console.print(f"... {total - shown} more {unit} (raise --limit to see them)", style="dim")
+
+
+LEGEND = "[green bold]green[/]: trained tokens (loss mask 1); [cyan]cyan[/]: special tokens"
+
+
+def _show_examples(examples, limit: int | None) -> None:
+    """One rule per example, then its text: trained tokens green, special tokens cyan, one message per line."""
+    console = _console()
+    shown = examples[:limit] if limit is not None else examples
+    for k, e in enumerate(shown):
+        console.rule(f"example {k} (row {e.row}): {len(e)} tokens, {sum(e.loss_mask)} trained", style="dim")
+        console.print(_styled(e.input_ids, e.loss_mask), soft_wrap=True)
+    _more(console, len(shown), len(examples), "examples")
+    console.print(LEGEND, style="dim")
+
+
+def _show_pairs(pairs, limit: int | None) -> None:
+    """Each pair's chosen example, then its rejected one, each under a labelled rule."""
+    console = _console()
+    shown = pairs[:limit] if limit is not None else pairs
+    for k, p in enumerate(shown):
+        for side, e in (("chosen", p.chosen), ("rejected", p.rejected)):
+            console.rule(f"pair {k} (row {p.row}) {side}: {len(e)} tokens, {sum(e.loss_mask)} trained", style="dim")
+            console.print(_styled(e.input_ids, e.loss_mask), soft_wrap=True)
+    _more(console, len(shown), len(pairs), "pairs")
+    console.print(LEGEND, style="dim")
+
+
+def _show_prompts(prompts, limit: int | None) -> None:
+    """Each prompt's text (what the model reads before it answers), then its other columns."""
+    console = _console()
+    shown = prompts[:limit] if limit is not None else prompts
+    for k, p in enumerate(shown):
+        console.rule(f"prompt {k} (row {p.row}): {len(p.prompt)} tokens", style="dim")
+        console.print(_styled(p.prompt, [0] * len(p.prompt)), soft_wrap=True)
+        if p.columns:
+            console.print("columns: " + json.dumps(p.columns, ensure_ascii=False, default=str), style="dim",
+                          soft_wrap=True, markup=False)
+    _more(console, len(shown), len(prompts), "prompts")
+    console.print("[cyan]cyan[/]: special tokens; the model answers after the last <|start|>assistant",
+                  style="dim", soft_wrap=True)
 
 
 def _train_args(p: argparse.ArgumentParser) -> None:
@@ -167,7 +245,7 @@ def _plan_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", help="gpt-oss-20b, gpt-oss-120b (or their hub ids), or a checkpoint directory")
     p.add_argument("--config", help="a training config: plan it as `gptoss-ft train` would run it (flags override)")
     p.add_argument("overrides", nargs="*", help="with --config: dotted key=value overrides, e.g. lora.targets=[attention]")
-    p.add_argument("--method", choices=METHODS, default=None, help="default lora")
+    p.add_argument("--method", choices=TRAINABLE, default=None, help="what trains (default lora)")
     p.add_argument("--seq-len", type=int, default=None, help="default 2048")
     p.add_argument("--batch-size", type=int, default=None, help="default 1")
     p.add_argument("--gpus", type=int, default=1)

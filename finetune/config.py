@@ -20,15 +20,21 @@ from typing import Any, Literal
 import yaml
 
 from data.formats import FORMATS as DATA_FORMATS
+from data.formats import PAIR_FORMATS, PROMPT_FORMATS
 from data.harmony import LOSS_ON, REASONING_EFFORTS
 from data.pipeline import ON_ERROR, TRUNCATION
 from model.experts import EXPERT_FORMATS
 from model.lora import TARGETS as LORA_TARGETS
 
+from .dpo import LOSSES as DPO_LOSSES
 from .export import FORMATS as EXPORT_FORMATS
 
-METHODS = ("lora", "full")
-"""lora: adapters on a frozen base; full: every weight trains (needs model.experts: dequantized)."""
+METHODS = ("lora", "full", "dpo", "grpo")
+"""lora / full: supervised fine-tuning of LoRA adapters on a frozen base / of every weight (needs
+model.experts: dequantized); dpo: preference tuning (arXiv:2305.18290); grpo: reinforcement learning
+from reward functions (arXiv:2402.03300). dpo and grpo train what `trainable` says."""
+TRAINABLE = ("lora", "full")
+"""What a run trains: LoRA adapters, or every weight."""
 
 
 class ConfigError(ValueError):
@@ -58,6 +64,10 @@ class ModelSection:
     backward. Each saves 0.39 GiB (20b) / 1.58 GiB (120b) of GPU memory for that PCIe traffic.
     auto: the fewest layers with which `gptoss-ft plan` fits the run in the GPU's memory (none on a
     GPU large enough); `gptoss-ft plan --config CONFIG --fit GIB` shows the choice for a GPU size."""
+    adapter: str | None = None
+    """A PEFT adapter directory (a run's adapter/, or an export) to start from instead of fresh LoRA
+    weights; its rank, alpha, rsLoRA and targets replace the lora section's. SFT, then DPO or GRPO
+    from its adapter, is the usual pipeline."""
 
 
 @dataclass(frozen=True)
@@ -68,8 +78,9 @@ class DataSection:
     """Held-out data in the same form; when absent, `eval_fraction` of train is held out."""
     eval_fraction: float = 0.0
     """Fraction of the training rows held out for eval when `eval` is not given (seeded)."""
-    format: Literal[("auto", *DATA_FORMATS)] = "auto"
-    """Row format (`data.formats`); auto decides from the first row."""
+    format: Literal[("auto", *DATA_FORMATS, *PAIR_FORMATS, *PROMPT_FORMATS)] = "auto"
+    """Row format (`data.formats`); auto decides from the first row (and the method: preference pairs
+    for dpo, prompts for grpo)."""
     max_seq_len: int = 2048
     """Longest example, in tokens; also the packed row length."""
     truncation: Literal[TRUNCATION] = "drop"
@@ -86,6 +97,8 @@ class DataSection:
     """Bad rows stop the run (naming file and line), or are skipped and counted per reason."""
     split: str = "train"
     """Split of a hub dataset to read for training."""
+    eval_split: str = "train"
+    """Split of `eval` to read when it is a hub dataset (e.g. test_prefs); local files have only train."""
 
 
 @dataclass(frozen=True)
@@ -166,13 +179,57 @@ class ExportSection:
 
 
 @dataclass(frozen=True)
+class DpoSection:
+    beta: float = 0.1
+    """Strength of the pull towards the reference model (the implicit reward's scale)."""
+    loss: Literal[DPO_LOSSES] = "sigmoid"
+    """sigmoid: DPO; ipo: IPO (arXiv:2310.12036, length-normalised as in TRL); hinge: SLiC."""
+    reference: Literal["initial", "base"] = "initial"
+    """The reference policy, whose log-probs are computed once before training (`reference_logps.safetensors`
+    in the run; no second model in memory). initial: the model as training starts, i.e. the base
+    with fresh (zero) adapters, or with model.adapter on: the SFT policy, as in the DPO paper and
+    TRL. base: the base model with the adapters switched off even when model.adapter is set."""
+
+
+@dataclass(frozen=True)
+class GrpoSection:
+    rewards: tuple[str, ...] = ()
+    """Reward functions: "module:function" (imported; the module may be a .py path), or a built-in:
+    exact_match, numeric_match, format (finetune/rewards.py). Each is called as
+    f(completions=[...], prompts=[...], **columns) -> list of floats."""
+    reward_weights: tuple[float, ...] | None = None
+    """Weight of each reward in the sum (default: 1 each)."""
+    num_generations: int = 8
+    """Completions sampled per prompt (the group whose mean and std normalise the advantages)."""
+    max_new_tokens: int = 256
+    temperature: float = 1.0
+    top_p: float = 1.0
+    beta: float = 0.0
+    """KL penalty to the reference (the base with adapters off), per token (k3 estimator); 0 skips
+    the reference forward."""
+    clip_eps: float = 0.2
+    """PPO clip range of the policy ratio."""
+    scale_rewards: bool = True
+    """Divide each group's advantages by its reward std (GRPO); false keeps them unscaled (Dr. GRPO,
+    arXiv:2503.20783)."""
+    max_prompt_len: int = 1024
+    """Longer prompts are dropped (and counted)."""
+    log_rollouts: int = 4
+    """Rollouts written to rollouts.jsonl (and wandb) at each logging step."""
+
+
+@dataclass(frozen=True)
 class Config:
     model: ModelSection
     data: DataSection
     output_dir: str
     """Where config.yaml, metrics.jsonl, checkpoints/ and adapter/ or model/ are written."""
     method: Literal[METHODS] = "lora"
+    trainable: Literal[TRAINABLE] | None = None
+    """lora or full; default: full for method full, lora otherwise."""
     lora: LoraSection = field(default_factory=LoraSection)
+    dpo: DpoSection = field(default_factory=DpoSection)
+    grpo: GrpoSection = field(default_factory=GrpoSection)
     train: TrainSection = field(default_factory=TrainSection)
     wandb: WandbSection = field(default_factory=WandbSection)
     evaluate: EvaluateSection = field(default_factory=EvaluateSection)
@@ -180,6 +237,16 @@ class Config:
 
     def to_dict(self) -> dict[str, Any]:
         return _plain(dataclasses.asdict(self))
+
+    @property
+    def tuning(self) -> str:
+        """What trains: "lora" or "full"."""
+        return self.trainable or ("full" if self.method == "full" else "lora")
+
+    @property
+    def objective(self) -> str:
+        """"sft", "dpo" or "grpo"."""
+        return self.method if self.method in ("dpo", "grpo") else "sft"
 
 def _plain(x: Any) -> Any:
     if isinstance(x, dict):
@@ -311,22 +378,44 @@ def check(cfg: Config, *, paths: bool = True) -> None:
 
 
 def check_combinations(cfg: Config) -> None:
-    if cfg.method == "full" and cfg.model.experts == "mxfp4":
+    if cfg.trainable and cfg.method in TRAINABLE and cfg.trainable != cfg.method:
+        raise ConfigError(f"trainable: {cfg.trainable} contradicts method: {cfg.method} (set one of them)")
+    if cfg.tuning == "full" and cfg.model.experts == "mxfp4":
         raise ConfigError(
-            "method: full trains the experts, which frozen MXFP4 experts cannot be; "
-            "set model.experts: dequantized (or use method: lora)"
+            "full fine-tuning trains the experts, which frozen MXFP4 experts cannot be; "
+            "set model.experts: dequantized (or train LoRA adapters)"
         )
-    if cfg.method == "lora" and not cfg.lora.targets:
+    if cfg.tuning == "full" and cfg.model.adapter:
+        raise ConfigError("model.adapter starts LoRA training from an adapter; it needs trainable: lora")
+    if cfg.method == "grpo":
+        g = cfg.grpo
+        if not g.rewards:
+            raise ConfigError("method: grpo needs at least one reward function in grpo.rewards")
+        if g.reward_weights is not None and len(g.reward_weights) != len(g.rewards):
+            raise ConfigError(f"grpo.reward_weights has {len(g.reward_weights)} values for {len(g.rewards)} rewards")
+        for key, value, low in (("grpo.num_generations", g.num_generations, 2), ("grpo.max_new_tokens", g.max_new_tokens, 1),
+                                ("grpo.max_prompt_len", g.max_prompt_len, 1), ("grpo.log_rollouts", g.log_rollouts, 0)):
+            if value < low:
+                raise ConfigError(f"{key} must be at least {low}, got {value}")
+        if not 0 < g.top_p <= 1 or g.temperature <= 0 or g.beta < 0 or g.clip_eps <= 0:
+            raise ConfigError("grpo: temperature and clip_eps must be positive, top_p in (0, 1], beta >= 0")
+    want = {"dpo": PAIR_FORMATS, "grpo": PROMPT_FORMATS}.get(cfg.objective, DATA_FORMATS)
+    if cfg.data.format != "auto" and cfg.data.format not in want:
+        raise ConfigError(f"data.format: {cfg.data.format} rows do not train with method: {cfg.method} "
+                          f"(it takes {', '.join(want)} or auto)")
+    if cfg.method == "dpo" and cfg.dpo.beta <= 0:
+        raise ConfigError(f"dpo.beta must be positive, got {cfg.dpo.beta}")
+    if cfg.tuning == "lora" and not cfg.lora.targets:
         raise ConfigError("lora.targets is empty: nothing would be trained")
-    if cfg.method == "lora" and cfg.lora.dropout > 0 and set(cfg.lora.targets) & {"experts", "router"}:
+    if cfg.tuning == "lora" and cfg.lora.dropout > 0 and set(cfg.lora.targets) & {"experts", "router"}:
         raise ConfigError("lora.dropout must be 0 when lora.targets includes experts or router "
                           "(PEFT's target_parameters adapters have no dropout); target attention only to use it")
-    if cfg.method == "full" and {"adapter"} & set(cfg.export.formats):
+    if cfg.tuning == "full" and {"adapter"} & set(cfg.export.formats):
         raise ConfigError("export.formats: a full fine-tune has no adapter to export (use merged or mxfp4)")
     offload = cfg.model.offload_experts
     if offload != "auto":
-        if offload and (cfg.method != "lora" or cfg.model.experts != "mxfp4"):
-            raise ConfigError("model.offload_experts keeps frozen MXFP4 experts on the CPU: it needs method: lora "
+        if offload and (cfg.tuning != "lora" or cfg.model.experts != "mxfp4"):
+            raise ConfigError("model.offload_experts keeps frozen MXFP4 experts on the CPU: it needs LoRA "
                               "and model.experts: mxfp4")
         if offload < 0:
             raise ConfigError(f"model.offload_experts must be at least 0 or auto, got {offload}")
@@ -360,6 +449,8 @@ def check_paths(cfg: Config) -> None:
                       ("evaluate.generate", cfg.evaluate.generate)):
         if path is not None and _looks_local(path) and not Path(path).expanduser().exists():
             raise ConfigError(f"{key}: no such file or directory {path!r}")
+    if cfg.model.adapter is not None and not (Path(cfg.model.adapter).expanduser() / "adapter_config.json").is_file():
+        raise ConfigError(f"model.adapter: {cfg.model.adapter!r} is not an adapter directory (no adapter_config.json)")
 
 
 def from_dict(d: dict[str, Any], overrides: list[str] = (), *, check_paths: bool = True) -> Config:
@@ -371,7 +462,7 @@ def from_dict(d: dict[str, Any], overrides: list[str] = (), *, check_paths: bool
     return cfg
 
 
-def load(path: str | Path, overrides: list[str] = ()) -> Config:
+def load(path: str | Path, overrides: list[str] = (), *, check_paths: bool = True) -> Config:
     """Read a YAML config, apply dotted overrides, validate. Errors name the file and the key."""
     path = Path(path)
     try:
@@ -383,7 +474,7 @@ def load(path: str | Path, overrides: list[str] = ()) -> Config:
     if not isinstance(d, dict):
         raise ConfigError(f"{path}: expected a mapping of config sections at the top level")
     try:
-        return from_dict(d, overrides)
+        return from_dict(d, overrides, check_paths=check_paths)
     except ConfigError as e:
         raise ConfigError(f"{path}: {e}") from None
 

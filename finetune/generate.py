@@ -28,28 +28,78 @@ STOP_IDS = (RETURN, CALL)
 
 
 @torch.no_grad()
-def generate(model, prompt_ids, *, max_new_tokens: int = 256, temperature: float = 0.0,
+def generate(model, prompt_ids, *, max_new_tokens: int = 256, temperature: float = 0.0, top_p: float = 1.0,
              stop_ids=STOP_IDS, generator: torch.Generator | None = None) -> list[int]:
     """Sample up to `max_new_tokens` after `prompt_ids` (a list of ids); returns the new ids,
     including the stop token when one was produced. temperature 0 is greedy."""
+    return generate_batch(model, [prompt_ids], max_new_tokens=max_new_tokens, temperature=temperature,
+                          top_p=top_p, stop_ids=stop_ids, generator=generator)[0]
+
+
+@torch.no_grad()
+def generate_batch(model, prompts: list[list[int]], *, max_new_tokens: int = 256, temperature: float = 0.0,
+                   top_p: float = 1.0, stop_ids=STOP_IDS, generator: torch.Generator | None = None) -> list[list[int]]:
+    """Completions of prompts of one length, decoded together with one KV cache (rows share
+    positions, so no padding); each row stops at its first stop id (kept). temperature 0 is greedy;
+    otherwise softmax(logits / temperature) truncated to the top_p nucleus, drawn with `generator`
+    (on the CPU, so a seed gives the same tokens on any device)."""
+    if len({len(p) for p in prompts}) != 1:
+        raise ValueError("generate_batch decodes prompts of one length together")
     device = next(model.parameters()).device
     cache = KVCache()
-    logits = model(torch.tensor([list(prompt_ids)], device=device), cache=cache).logits[0, -1]
-    out: list[int] = []
+    stop = torch.tensor(stop_ids)
+    ids = torch.tensor([list(p) for p in prompts], device=device)
+    outs: list[list[int]] = [[] for _ in prompts]
+    done = torch.zeros(len(prompts), dtype=torch.bool)
     for _ in range(max_new_tokens):
-        token = _sample(logits, temperature, generator)
-        out.append(token)
-        if token in stop_ids:
+        logits = model(ids, cache=cache, logits_to_keep=1).logits[:, -1]  # [B, V]: the prompt's other rows are never formed
+        tokens = sample(logits, temperature=temperature, top_p=top_p, generator=generator)
+        for row, tok in enumerate(tokens.tolist()):
+            if not done[row]:
+                outs[row].append(tok)
+        done |= torch.isin(tokens, stop)
+        if done.all():
             break
-        logits = model(torch.tensor([[token]], device=device), cache=cache).logits[0, -1]
-    return out
+        ids = tokens.view(-1, 1).to(device)
+    return outs
 
 
-def _sample(logits: torch.Tensor, temperature: float, generator: torch.Generator | None) -> int:
+def generate_grouped(model, prompts: list[list[int]], *, batch_size: int = 32, **kw) -> list[list[int]]:
+    """`generate_batch` for prompts of any lengths: those of equal length are decoded together, at
+    most `batch_size` rows at a time; completions come back in the prompts' order. With sampling,
+    the draws depend on the grouping, which depends only on the prompts (a seeded generator gives
+    the same completions again)."""
+    by_length: dict[int, list[int]] = {}
+    for i, p in enumerate(prompts):
+        by_length.setdefault(len(p), []).append(i)
+    outs: list[list[int]] = [[] for _ in prompts]
+    for group in by_length.values():
+        for j in range(0, len(group), batch_size):
+            rows = group[j:j + batch_size]
+            for i, out in zip(rows, generate_batch(model, [prompts[i] for i in rows], **kw)):
+                outs[i] = out
+    return outs
+
+
+def sample(logits: torch.Tensor, *, temperature: float = 0.0, top_p: float = 1.0,
+           generator: torch.Generator | None = None) -> torch.Tensor:
+    """One token per row of `logits [B, V]` (on the CPU): argmax at temperature 0, else a draw from
+    the temperature-scaled softmax restricted to the smallest set of tokens whose probability
+    reaches top_p (nucleus sampling, arXiv:1904.09751)."""
+    logits = logits.float().cpu()
     if temperature <= 0:
-        return int(logits.argmax())
-    probs = torch.softmax(logits.float() / temperature, dim=-1)
-    return int(torch.multinomial(probs.cpu(), 1, generator=generator))
+        return logits.argmax(-1)
+    probs = torch.softmax(logits / temperature, dim=-1)
+    if top_p < 1.0:
+        sorted_probs, order = probs.sort(-1, descending=True)
+        outside = sorted_probs.cumsum(-1) - sorted_probs >= top_p  # the mass before a token already reached top_p
+        sorted_probs[outside] = 0.0
+        probs = torch.zeros_like(probs).scatter_(-1, order, sorted_probs)
+    # Inverse-CDF draw: one uniform per row against the running sum (float64, so 201088 terms add up
+    # exactly enough); torch.multinomial took 30x longer at this vocabulary size on CPU.
+    cdf = probs.double().cumsum(-1)
+    u = torch.rand(cdf.shape[0], 1, generator=generator, dtype=torch.float64) * cdf[:, -1:]
+    return torch.searchsorted(cdf, u).squeeze(-1).clamp(max=cdf.shape[-1] - 1)
 
 
 # -- Harmony prompts and completions -------------------------------------------------------------
@@ -57,10 +107,7 @@ def _sample(logits: torch.Tensor, temperature: float, generator: torch.Generator
 def chat_prompt(messages: list[dict], *, reasoning_effort: str | None = None) -> list[int]:
     """Token ids for a conversation in the `messages` row format (system -> developer instructions,
     user, assistant with optional `thinking`), ending with `<|start|>assistant` for the model to go on."""
-    row = {"messages": [*messages, {"role": "assistant", "content": "."}]}
-    conv = datalib.to_conversation(row, "messages")
-    ids, mask = datalib.render_examples(conv, split_turns=False, reasoning_effort=reasoning_effort)[-1]
-    return prompt_of(ids, mask)
+    return datalib.render_prompt(messages, reasoning_effort=reasoning_effort)
 
 
 def prompt_of(input_ids: list[int], loss_mask: list[int]) -> list[int]:
@@ -160,7 +207,7 @@ def load_for_inference(model_or_run: str, *, adapter: str | None = None, dtype: 
     if RunDir.is_run(model_or_run):
         run = RunDir(model_or_run)
         weights = run.trained_weights()
-        if run.config.method == "full":
+        if run.config.tuning == "full":
             path = weights
         else:
             adapter = adapter or weights

@@ -181,8 +181,8 @@ def plan(model: "str | GptOssConfig", *, method: str = "lora", seq_len: int = 20
     """Peak memory per device. lora_targets: the config's `lora.targets` (attention, experts, router).
     labeled_tokens: trained tokens per micro-batch (default: all).
     offload_embeddings / offload_experts: the trainer's `model.offload_*` (LoRA on one GPU only)."""
-    if method not in cfglib.METHODS:
-        raise PlanError(f"method must be one of {', '.join(cfglib.METHODS)}, got {method!r}")
+    if method not in cfglib.TRAINABLE:
+        raise PlanError(f"method must be one of {', '.join(cfglib.TRAINABLE)}, got {method!r}")
     if method == "lora":
         if unknown := sorted(set(lora_targets) - set(TARGETS)):
             raise PlanError(f"unknown LoRA targets {unknown}; choose from {', '.join(TARGETS)}")
@@ -282,10 +282,14 @@ def config_kwargs(config, overrides: list[str] = ()) -> dict:
     """plan()'s arguments for a training config (a path, with dotted `overrides` as `gptoss-ft train`
     takes them, or a loaded `finetune.config.Config`): the recipe's model, method, shapes, LoRA
     rank and targets, and offloading (offload_experts may be "auto"; see `auto_offload`)."""
-    cfg = cfglib.load(config, list(overrides)) if isinstance(config, (str, Path)) else config
-    return dict(model=cfg.model.path, method=cfg.method, seq_len=cfg.data.max_seq_len,
-                batch_size=cfg.train.batch_size, gradient_checkpointing=cfg.model.gradient_checkpointing,
-                lora_r=cfg.lora.r, lora_targets=tuple(cfg.lora.targets),
+    # a plan reads no data: the config's inputs need not exist here
+    cfg = cfglib.load(config, list(overrides), check_paths=False) if isinstance(config, (str, Path)) else config
+    # Sequences per micro-batch: DPO runs each pair's chosen and rejected rows together; GRPO trains
+    # on num_generations completions of each prompt, each at most prompt + new tokens long.
+    rows = {"dpo": 2, "grpo": cfg.grpo.num_generations}.get(cfg.objective, 1) * cfg.train.batch_size
+    seq_len = cfg.grpo.max_prompt_len + cfg.grpo.max_new_tokens if cfg.objective == "grpo" else cfg.data.max_seq_len
+    return dict(model=cfg.model.path, method=cfg.tuning, seq_len=seq_len, batch_size=rows,
+                gradient_checkpointing=cfg.model.gradient_checkpointing, lora_r=cfg.lora.r, lora_targets=tuple(cfg.lora.targets),
                 offload_embeddings=cfg.model.offload_embeddings, offload_experts=cfg.model.offload_experts)
 
 

@@ -3,6 +3,8 @@
     runs/NAME/
       config.yaml          the resolved config, read back as a typed `Config` (`RunDir.config`)
       metrics.jsonl        one object per logged step
+      rollouts.jsonl       GRPO: a few sampled completions, their rewards and advantages per logged step
+      reference_logps.safetensors   DPO: the reference model's log-probs of every pair, computed once
       checkpoints/step-N/  resumable training state (`finetune.state`)
       adapter/             LoRA runs: a PEFT adapter (adapter_config.json + adapter_model.safetensors)
       model/               full fine-tuning: an HF checkpoint
@@ -48,6 +50,7 @@ class RunDir:
 
     config_file = property(lambda self: self.path / "config.yaml")
     metrics = property(lambda self: self.path / "metrics.jsonl")
+    rollouts = property(lambda self: self.path / "rollouts.jsonl")
     checkpoints = property(lambda self: self.path / "checkpoints")
     adapter = property(lambda self: self.path / "adapter")
     model = property(lambda self: self.path / "model")
@@ -86,9 +89,9 @@ class RunDir:
 
     def trained_weights(self) -> Path:
         """adapter/ (LoRA) or model/ (full fine-tuning), which must exist: training finished."""
-        method = self.config.method
-        where = self.model if method == "full" else self.adapter
-        probe = where / ("config.json" if method == "full" else ADAPTER_CONFIG)
+        full = self.config.tuning == "full"
+        where = self.model if full else self.adapter
+        probe = where / ("config.json" if full else ADAPTER_CONFIG)
         if not probe.is_file():
             raise RunError(f"{self.path}: no {where.name}/ (did training finish?)")
         return where
@@ -209,7 +212,7 @@ def open_run(run_dir, base: str | None = None) -> Run:
     base_path = base or cfg.model.path
     weights = rd.trained_weights()
     run = Run(rd.path, Checkpoint(base_path), data=cfg.data)
-    if cfg.method == "full":
+    if cfg.tuning == "full":
         run.tuned = Checkpoint(weights)
         if run.tuned.config.num_hidden_layers != run.base.config.num_hidden_layers:
             raise ExportError(f"{weights} and the base {base_path} have different shapes")

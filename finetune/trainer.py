@@ -24,32 +24,22 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
-import data as datalib
 import model as modellib
 from model.checkpoint import save as save_checkpoint_dir
 from model.checkpoint import write_random
 from model.config import preset
-from model.loss import count_trained
 from model.modeling import MLPBlock
 
 from . import config as cfglib
+from .dpo import DPO
 from .evaluate import accuracy, load_probes
 from .export import export
+from .grpo import GRPO
+from .objectives import SFT, Data, Objective, TrainingError, sum_stats
 from .plan import auto_offload
 from .plot import loss_curve_png
-from .run import RunDir, save_adapter
+from .run import RunDir, attach_adapter, save_adapter
 from .state import latest_checkpoint, load_checkpoint, save_checkpoint
-
-
-class TrainingError(RuntimeError):
-    """The run cannot go on; the message says why and what is intact."""
-
-
-@dataclass
-class Data:
-    train_rows: list
-    eval_rows: list
-    report: str
 
 
 # -- setup ---------------------------------------------------------------------------------------------
@@ -73,12 +63,15 @@ def _ensure_base_model(cfg: cfglib.Config, accelerator) -> None:
 def load_model(cfg: cfglib.Config, device: torch.device):
     """The model with exactly the trainable parameters the method asks for."""
     m = modellib.from_pretrained(cfg.model.path, dtype=_dtype(cfg, device), experts=cfg.model.experts)
-    if cfg.method == "lora":
-        for p in m.parameters():
-            p.requires_grad_(False)
-        lc = cfg.lora
-        modellib.add_lora(m, r=lc.r, alpha=lc.alpha, dropout=lc.dropout, targets=tuple(lc.targets),
-                          use_rslora=lc.use_rslora)
+    if cfg.tuning == "lora":
+        if cfg.model.adapter:  # continue training an existing adapter (e.g. SFT -> DPO / GRPO)
+            s = attach_adapter(m, cfg.model.adapter)
+            print(f"model.adapter: {cfg.model.adapter} (r={s.r}, alpha={s.alpha}, targets {list(s.targets)}"
+                  f"{', rsLoRA' if s.use_rslora else ''}; the lora section's shape settings are not used)")
+        else:
+            lc = cfg.lora
+            modellib.add_lora(m, r=lc.r, alpha=lc.alpha, dropout=lc.dropout, targets=tuple(lc.targets),
+                              use_rslora=lc.use_rslora)
         # Adapters train in fp32 even on a bf16 base: their updates are small relative to the weights.
         for name, p in m.named_parameters():
             if p.requires_grad:
@@ -88,31 +81,6 @@ def load_model(cfg: cfglib.Config, device: torch.device):
     if cfg.model.gradient_checkpointing:
         m.gradient_checkpointing_enable()
     return m
-
-
-def load_data(cfg: cfglib.Config) -> Data:
-    d = cfg.data
-    common = dict(format=d.format, on_error=d.on_error, split_turns=d.split_turns, loss_on=d.loss_on,
-                  reasoning_effort=d.reasoning_effort, max_seq_len=d.max_seq_len, truncation=d.truncation)
-    train, report = datalib.load_examples(d.train, split=d.split, **common)
-    lines = [f"train {d.train}: {report}"]
-    if d.eval is not None:
-        evals, ereport = datalib.load_examples(d.eval, split="train", **common)
-        lines.append(f"eval {d.eval}: {ereport}")
-    elif d.eval_fraction > 0:
-        # Whole rows are held out: a row's examples (one per turn) share prefixes, so splitting
-        # examples would leak eval text into training.
-        n_rows = max(1, round(len({e.row for e in train}) * d.eval_fraction))
-        train, evals = datalib.train_eval_split(train, n_rows, seed=cfg.train.seed)
-        lines.append(f"eval: {n_rows} rows ({len(evals)} examples) held out of train "
-                     f"(eval_fraction {d.eval_fraction})")
-    else:
-        evals = []
-    if not train:
-        raise TrainingError(f"no training examples in {d.train} ({report})")
-    if d.packing:
-        train, evals = datalib.pack_examples(train, d.max_seq_len), datalib.pack_examples(evals, d.max_seq_len)
-    return Data(train, evals, "\n".join(lines))
 
 
 def lr_lambda(cfg: cfglib.TrainSection, total_steps: int):
@@ -171,6 +139,7 @@ class _Run:
     cfg: cfglib.Config
     dir: RunDir
     accelerator: Accelerator
+    objective: Objective
     data: Data
     model: torch.nn.Module
     optimizer: torch.optim.Optimizer
@@ -241,7 +210,8 @@ def _setup(cfg: cfglib.Config, accelerator: Accelerator, precision: str, *, resu
         rd.write_config(cfg)
         accelerator.print(cfglib.dump(cfg))
     _ensure_base_model(cfg, accelerator)
-    data = load_data(cfg)
+    objective = {"sft": SFT, "dpo": DPO, "grpo": GRPO}[cfg.objective](cfg, accelerator.device)
+    data = objective.load(cfg)
     accelerator.print(data.report)
     model = load_model(cfg, accelerator.device)
     _offload(cfg, model, accelerator)
@@ -249,7 +219,7 @@ def _setup(cfg: cfglib.Config, accelerator: Accelerator, precision: str, *, resu
     accelerator.print(f"{accelerator.num_processes} process(es), {accelerator.distributed_type.value}, "
                       f"device {accelerator.device}, precision {precision}")
     accelerator.print(f"trainable parameters: {sum(p.numel() for p in params.values()):,} "
-                      f"of {sum(p.numel() for p in model.parameters()):,} ({cfg.method})")
+                      f"of {sum(p.numel() for p in model.parameters()):,} ({cfg.method}, {cfg.tuning})")
     results: dict = {}
     probes = load_probes(cfg.evaluate.generate, data_format=cfg.data.format, limit=cfg.evaluate.limit) \
         if cfg.evaluate.generate and main else None
@@ -264,6 +234,7 @@ def _setup(cfg: cfglib.Config, accelerator: Accelerator, precision: str, *, resu
     if accelerator.distributed_type.value == "DEEPSPEED":
         _deepspeed_setup(model, t)
     model, optimizer = accelerator.prepare(model, optimizer)
+    objective.prepare(model, data, accelerator, rd)
 
     batches = Batches(data.train_rows, batch_size=t.batch_size, grad_accum=t.grad_accum,
                       world=accelerator.num_processes, rank=accelerator.process_index, seed=t.seed)
@@ -283,8 +254,9 @@ def _setup(cfg: cfglib.Config, accelerator: Accelerator, precision: str, *, resu
                     scheduler.step()
             accelerator.print(f"resumed from {found} (step {start} of {total})")
     if main:
-        _truncate_metrics(rd.metrics, after_step=start)
-    return _Run(cfg, rd, accelerator, data, model, optimizer, scheduler, params, batches, total, start,
+        for log in (rd.metrics, rd.rollouts):
+            _truncate_metrics(log, after_step=start)
+    return _Run(cfg, rd, accelerator, objective, data, model, optimizer, scheduler, params, batches, total, start,
                 _Logger(cfg, rd, main, total, start), probes, results, t_begin,
                 t_start=time.perf_counter() - elapsed_before)
 
@@ -297,8 +269,10 @@ def _loop(run: _Run) -> None:
     run.model.train()
     for step in range(run.start, run.total):
         t0 = time.perf_counter()
-        micro = [datalib.collate(rows) for rows in run.batches.for_step(step)]
-        loss, n_input, grad_norm = _step(run.model, micro, acc, t)
+        micro = [run.objective.batch(run.model, rows, step=step, micro=k)
+                 for k, rows in enumerate(run.batches.for_step(step))]
+        stats, n_input, grad_norm = _step(run.model, micro, run.objective, acc, t)
+        loss = stats["loss"]
         finite = math.isfinite(loss) and math.isfinite(grad_norm)
         bad_in_a_row = 0 if finite else bad_in_a_row + 1
         if finite:
@@ -315,12 +289,14 @@ def _loop(run: _Run) -> None:
         run.scheduler.step()
         done = step + 1
         if done % t.log_every == 0 or done == run.total:
-            run.logger.log({"step": done, "loss": loss, "lr": lr, "grad_norm": grad_norm,
+            run.logger.log({"step": done, **stats, "lr": lr, "grad_norm": grad_norm,
                             "tokens_per_s": n_input / (time.perf_counter() - t0),
                             "elapsed_s": time.perf_counter() - run.t_start,
                             "epoch": done / run.batches.steps_per_epoch, **({} if finite else {"skipped": True})})
+            run.objective.after_log(done, run.logger)
         if run.data.eval_rows and t.eval_every and (done % t.eval_every == 0 or done == run.total):
-            run.logger.log({"step": done, "eval_loss": evaluate(run.model, run.data.eval_rows, acc, t.batch_size)})
+            metrics = evaluate(run.model, run.objective, run.data.eval_rows, acc, t.batch_size)
+            run.logger.log({"step": done, **{f"eval_{k}": v for k, v in metrics.items()}})
         if (t.save_every and done % t.save_every == 0) or done == run.total:
             acc.wait_for_everyone()
             save_checkpoint(run.dir.checkpoints, done, trainable=run.params, optimizer=run.optimizer,
@@ -349,7 +325,7 @@ def _finish(run: _Run) -> None:
 def _offload(cfg: cfglib.Config, model, accelerator) -> None:
     """Frozen weights that stay in CPU memory when the model moves to the GPU (model.offload_*)."""
     m = cfg.model
-    if accelerator.device.type == "cpu" or cfg.method != "lora":
+    if accelerator.device.type == "cpu" or cfg.tuning != "lora":
         return  # nothing to save on a CPU run; full fine-tuning trains the embedding
     if accelerator.num_processes > 1:
         if m.offload_experts not in (0, "auto"):
@@ -383,48 +359,51 @@ def _deepspeed_setup(model, t: cfglib.TrainSection) -> None:
     set_z3_leaf_modules(model, [MLPBlock])
 
 
-def _step(model, micro: list[dict], accelerator, t: cfglib.TrainSection) -> tuple[float, int, float]:
-    """Forward/backward over the micro-batches of one optimizer step; returns (loss, input tokens, grad norm)."""
-    device = accelerator.device
-    # Trained tokens of the whole step, every process: each micro-batch's summed loss is divided by
-    # this, so the step's gradient is the exact token mean whatever the split. (x world: DDP averages.)
-    local_targets = sum(count_trained(b["labels"], b["position_ids"]) for b in micro)
-    counts = accelerator.reduce(torch.tensor([local_targets, sum(int(b["num_tokens"]) for b in micro)],
-                                             device=device), reduction="sum")
-    n_targets, n_input = max(1, int(counts[0])), int(counts[1])
-    loss_sum = torch.zeros((), device=device)
+def _step(model, micro: list[dict], objective: Objective, accelerator,
+          t: cfglib.TrainSection) -> tuple[dict[str, float], int, float]:
+    """Forward/backward over the micro-batches of one optimizer step; returns (the objective's
+    stats as means, input tokens, grad norm)."""
+    # The objective's units (trained tokens, pairs) of the whole step, every process: each
+    # micro-batch's summed loss is divided by this, so the step's gradient is the exact mean
+    # whatever the split. (x world: DDP averages.)
+    counts = accelerator.reduce(torch.tensor([sum(objective.count(b) for b in micro),
+                                              sum(int(b["num_tokens"]) for b in micro)],
+                                             device=accelerator.device), reduction="sum")
+    denom, n_input = max(1, int(counts[0])), int(counts[1])
+    stats = []
     for i, b in enumerate(micro):
         last = i == len(micro) - 1
         ctx = accelerator.no_sync(model) if not last else contextlib.nullcontext()
         with ctx, accelerator.autocast():
-            out = model(b["input_ids"].to(device), labels=b["labels"].to(device),
-                        position_ids=b["position_ids"].to(device), return_aux_loss=t.aux_loss_coef > 0)
-            loss = out.loss * out.n_tokens / n_targets
+            total, s, aux = objective.loss(model, b, aux=t.aux_loss_coef > 0)
+            loss = total / denom
             if t.aux_loss_coef > 0:
-                loss = loss + t.aux_loss_coef * out.aux_loss / len(micro)
+                loss = loss + t.aux_loss_coef * aux / len(micro)
             accelerator.backward(loss * accelerator.num_processes)
-        loss_sum += (out.loss * out.n_tokens).detach()
+        stats.append(s)
     max_norm = t.max_grad_norm if t.max_grad_norm is not None else float("inf")
     grad_norm = accelerator.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], max_norm)
-    total_loss = accelerator.reduce(loss_sum, reduction="sum") / n_targets
-    return float(total_loss), n_input, float(grad_norm)
+    return _means(sum_stats(stats), accelerator), n_input, float(grad_norm)
+
+
+def _means(stats: dict[str, torch.Tensor], accelerator, names=None) -> dict[str, float]:
+    """(sum, count) pairs summed over processes, as sum / count. `names`: the keys every process
+    reduces (a process without rows has no stats of its own)."""
+    names = sorted(names or stats)
+    zero = torch.zeros(2, dtype=torch.float64)
+    both = accelerator.reduce(torch.stack([stats.get(k, zero) for k in names]).to(accelerator.device),
+                              reduction="sum")
+    return {k: float(v[0] / v[1].clamp(min=1)) for k, v in zip(names, both)}
 
 
 @torch.no_grad()
-def evaluate(model, rows: list, accelerator, batch_size: int) -> float:
+def evaluate(model, objective: Objective, rows: list, accelerator, batch_size: int) -> dict[str, float]:
+    """The objective's stats over held-out rows, each process taking every world-th row."""
     model.eval()
-    total = torch.zeros(2, device=accelerator.device, dtype=torch.float64)
     mine = rows[accelerator.process_index::accelerator.num_processes]
-    for i in range(0, len(mine), batch_size):
-        b = datalib.collate(mine[i:i + batch_size])
-        with accelerator.autocast():
-            out = model(b["input_ids"].to(accelerator.device), labels=b["labels"].to(accelerator.device),
-                        position_ids=b["position_ids"].to(accelerator.device))
-        total += torch.tensor([float(out.loss) * out.n_tokens, out.n_tokens], device=accelerator.device,
-                              dtype=torch.float64)
-    total = accelerator.reduce(total, reduction="sum")
+    stats = objective.evaluate(model, mine, batch_size) if mine else {}
     model.train()
-    return float(total[0] / total[1].clamp(min=1))
+    return _means(stats, accelerator, objective.eval_stats)
 
 
 def _truncate_metrics(path: Path, *, after_step: int) -> None:
@@ -463,11 +442,12 @@ class _Logger:
             f.write(json.dumps(row) + "\n")
         if self.wandb is not None:
             self.wandb.log({k: v for k, v in row.items() if k != "step"}, step=row["step"])
-        if "loss" in row:
+        if "lr" in row:
             self.progress.update(self.task, completed=row["step"],
                                  info=f"loss {row['loss']:.4f}  lr {row['lr']:.2e}  {row['tokens_per_s']:.0f} tok/s")
         else:
-            self.progress.console.print(f"step {row['step']}: eval loss {row['eval_loss']:.4f}")
+            shown = ", ".join(f"{k.removeprefix('eval_').replace('_', ' ')} {v:.4f}" for k, v in row.items() if k != "step")
+            self.progress.console.print(f"step {row['step']}: eval {shown}")
 
     def close(self) -> None:
         if self.progress is not None:
@@ -528,7 +508,7 @@ def _summarize(rd: RunDir, results: dict, *, train_time: float, total_time: floa
 
 
 def _save_final(cfg: cfglib.Config, model, state: dict, rd: RunDir) -> None:
-    if cfg.method == "lora":
+    if cfg.tuning == "lora":
         save_adapter(model, rd.adapter, base_model=cfg.model.path, state_dict=state)
         print(f"adapter written to {rd.adapter}")
     else:

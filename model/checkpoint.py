@@ -327,6 +327,23 @@ def atomic_directory(final: str | os.PathLike) -> Iterator[Path]:
         raise
 
 
+@contextmanager
+def atomic_file(final: str | os.PathLike) -> Iterator[Path]:
+    """Write one file all at once: yields a temporary path beside `final`, which replaces `final`
+    by rename (after an fsync) when the block ends, and is removed when it raises."""
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = final.with_name(f".{final.name}.tmp-{uuid.uuid4().hex[:8]}")
+    try:
+        yield tmp
+        with open(tmp, "rb") as fh:
+            os.fsync(fh.fileno())
+        os.replace(tmp, final)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
 def _atomic_replace_dir(tmp: Path, final: Path) -> None:
     """Move a finished temp directory to `final`; an existing `final` is replaced, never half-written."""
     if final.exists():

@@ -16,6 +16,7 @@ to attention only and must be 0 when experts or the router are targeted.
 
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass
 
@@ -173,6 +174,26 @@ def settings_from_peft(acfg: dict) -> LoraSettings:
         (("router",) if any("router" in p for p in params) else ())
     return LoraSettings(r=int(acfg["r"]), alpha=float(acfg["lora_alpha"]), dropout=float(acfg.get("lora_dropout") or 0.0),
                         targets=targets, use_rslora=bool(acfg.get("use_rslora")))
+
+
+@contextlib.contextmanager
+def adapters_disabled(model):
+    """Within the block the model computes as its base: every adapter's scale is 0 (B A x * 0 adds
+    exact zeros), and comes back after. The reference model of DPO and GRPO without a second copy."""
+    scaled = [m for m in model.modules() if isinstance(m, LoRALinear)]
+    experts = [m for m in model.modules() if isinstance(m, Experts) and m.has_lora]
+    saved = [m.scaling for m in scaled], [m.lora_scaling for m in experts]
+    for m in scaled:
+        m.scaling = 0.0
+    for m in experts:
+        m.lora_scaling = 0.0
+    try:
+        yield model
+    finally:
+        for m, v in zip(scaled, saved[0]):
+            m.scaling = v
+        for m, v in zip(experts, saved[1]):
+            m.lora_scaling = v
 
 
 def merge_lora(model) -> None:

@@ -460,12 +460,14 @@ class GptOssForCausalLM(nn.Module):
     # -- forward ----------------------------------------------------------------------------------
     def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None,
                 position_ids: torch.Tensor | None = None, *, return_aux_loss: bool = False,
-                return_logits: bool | None = None, cache: KVCache | None = None) -> CausalLMOutput:
+                return_logits: bool | None = None, logits_to_keep: int = 0,
+                cache: KVCache | None = None) -> CausalLMOutput:
         """input_ids [B, T]; labels [B, T] aligned with input_ids (shifted here; -100 ignored);
         position_ids [B, T] (default arange; restart at 0 where a packed example begins).
         Returns the final hidden states; with labels the trained targets' log-probabilities and
         their mean cross-entropy (`model.loss`: logits only at those rows, in chunks); logits
-        `[B, T, V]` without labels or when `return_logits` is true.
+        `[B, T, V]` without labels or when `return_logits` is true; logits_to_keep=k > 0: only the
+        last k positions' (`[B, k, V]`; generation needs one).
         cache: a `KVCache` for generation; input_ids are then the tokens after those it holds, and
         positions continue from there (no packing)."""
         b, t = input_ids.shape
@@ -497,7 +499,7 @@ class GptOssForCausalLM(nn.Module):
             out.aux_loss = load_balancing_loss(router_logits, self.config.num_local_experts,
                                                self.config.num_experts_per_tok)
         if return_logits or (return_logits is None and labels is None):
-            out.logits = self.lm_head(x)  # [B, T, V]
+            out.logits = self.lm_head(x[:, -logits_to_keep:] if logits_to_keep else x)  # [B, T or k, V]
         if labels is not None:
             out.trained = trained_targets(labels, position_ids)
             out.token_logprobs = target_logprobs(x[:, :-1][out.trained], self.lm_head.weight,

@@ -2,7 +2,9 @@
 
 A tiny random model cannot know the answer (base accuracy ~0) but can learn it: the animal is one
 token at the end of a prompt of random fillers, and held-out prompts pair animals with fillers and
-templates never seen together in training. Regenerate with `python -m recipes.quickstart_data` (seeded, so the files are reproducible).
+templates never seen together in training. The same rows are also written as DPO preference pairs
+(`quickstart_pairs_*.jsonl`) and GRPO prompts (`quickstart_prompts_*.jsonl`). Regenerate with
+`python -m recipes.quickstart_data` (seeded, so the files are reproducible).
 """
 
 from __future__ import annotations
@@ -51,13 +53,33 @@ def generate(seed: int = 0, n_train: int = 600, n_eval: int = 60) -> tuple[list[
     return [row(*c) for c in combos[:n_train]], [row(*c) for c in combos[n_train:n_train + n_eval]]
 
 
+def preference(sft_row: dict) -> dict:
+    """The same task as a DPO pair: the same reasoning, then the right sound (chosen) or the next
+    animal's (rejected). Only the final answers differ; preferring chosen means answering what the
+    model's own analysis says."""
+    system, user, assistant = sft_row["messages"]
+    sounds = list(SOUNDS.values())
+    wrong = sounds[(sounds.index(assistant["content"]) + 1) % len(sounds)]
+    return {"prompt": [system, user],
+            "chosen": [{"role": "assistant", "thinking": assistant["thinking"], "content": assistant["content"]}],
+            "rejected": [{"role": "assistant", "thinking": assistant["thinking"], "content": wrong}]}
+
+
+def prompt(sft_row: dict) -> dict:
+    """The same task as a GRPO prompt: the conversation up to the answer, and the answer for the reward."""
+    system, user, assistant = sft_row["messages"]
+    return {"prompt": [system, user], "answer": assistant["content"]}
+
+
 def main() -> None:
     out = Path(__file__).parent / "data"
     out.mkdir(exist_ok=True)
     train, evals = generate()
-    for name, rows in (("quickstart_train.jsonl", train), ("quickstart_eval.jsonl", evals)):
-        (out / name).write_text("".join(json.dumps(r) + "\n" for r in rows))
-        print(f"wrote {len(rows)} rows to {out / name}")
+    for kind, make in (("", None), ("_pairs", preference), ("_prompts", prompt)):
+        for split, rows in (("train", train), ("eval", evals)):
+            name = f"quickstart{kind}_{split}.jsonl"
+            (out / name).write_text("".join(json.dumps(make(r) if make else r) + "\n" for r in rows))
+            print(f"wrote {len(rows)} rows to {out / name}")
 
 
 if __name__ == "__main__":

@@ -5,8 +5,8 @@ from pathlib import Path
 import torch
 
 import model as modellib
-from finetune.evaluate import Probe, accuracy, greedy_batch, load_probes
-from finetune.generate import generate
+from finetune.evaluate import Probe, accuracy, load_probes
+from finetune.generate import generate, generate_batch
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -15,7 +15,7 @@ def test_batched_greedy_equals_one_at_a_time(tiny_hf):
     m = modellib.from_pretrained(tiny_hf, dtype=torch.float32, experts="mxfp4").eval()
     g = torch.Generator().manual_seed(0)
     prompts = torch.randint(0, 200000, (3, 20), generator=g).tolist()
-    batched = greedy_batch(m, prompts, max_new_tokens=12)
+    batched = generate_batch(m, prompts, max_new_tokens=12)
     for prompt, out in zip(prompts, batched):
         assert out == generate(m, prompt, max_new_tokens=12)
 
@@ -42,7 +42,7 @@ def test_accuracy_counts_exact_final_answers(tiny_hf):
             self.w = torch.nn.Parameter(torch.zeros(1))
             self.step = 0
 
-        def forward(self, ids, cache=None):
+        def forward(self, ids, cache=None, **_):
             logits = torch.zeros(ids.shape[0], ids.shape[1], 201088)
             logits[:, -1, answer[min(self.step, len(answer) - 1)]] = 1.0
             self.step += 1
@@ -50,3 +50,17 @@ def test_accuracy_counts_exact_final_answers(tiny_hf):
 
     report = accuracy(Scripted(), [target, Probe(target.prompt + [1], "something else")], max_new_tokens=10)
     assert report.accuracy == 0.5
+
+
+def test_sampling_is_seeded_and_top_p_keeps_the_nucleus():
+    from finetune.generate import sample
+
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]])).expand(4000, 4)
+    draws = sample(logits, temperature=1.0, top_p=0.8, generator=torch.Generator().manual_seed(0))
+    assert set(draws.tolist()) == {0, 1}  # 0.5 + 0.3 reach 0.8: the tail is never drawn
+    assert abs((draws == 0).float().mean().item() - 0.5 / 0.8) < 0.03  # renormalised within the nucleus
+    again = sample(logits, temperature=1.0, top_p=0.8, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(draws, again)
+    assert sample(logits[:2], temperature=0).tolist() == [0, 0]
+    everything = sample(logits, temperature=1.0, generator=torch.Generator().manual_seed(1))
+    assert set(everything.tolist()) == {0, 1, 2, 3}
