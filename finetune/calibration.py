@@ -30,15 +30,23 @@ def calibration_ids(run: Run, n_tokens: int, source: str | None) -> list[list[in
     source = source or d.train
     if not Path(source).exists() and (run.path / source).exists():
         source = str(run.path / source)
-    examples, _ = datalib.load_examples(
-        source, d.format if d else "auto", split=d.split if d else "train", on_error="skip",
-        split_turns=d.split_turns if d else True, loss_on=d.loss_on if d else "last_turn",
-        reasoning_effort=d.reasoning_effort if d else None, max_seq_len=d.max_seq_len if d else None)
+    common = dict(split=d.split if d else "train", on_error="skip", reasoning_effort=d.reasoning_effort if d else None)
+    # the token sequences the run trained on: examples, the chosen side of preference pairs, or prompts
+    if run.objective == "dpo":
+        pairs, _ = datalib.load_pairs(source, loss_on=d.loss_on, max_seq_len=d.max_seq_len, **common)
+        sequences = [p.chosen.input_ids for p in pairs]
+    elif run.objective == "grpo":
+        sequences = [p.prompt for p in datalib.load_prompts(source, **common)[0]]
+    else:
+        examples, _ = datalib.load_examples(
+            source, d.format if d else "auto", split_turns=d.split_turns if d else True,
+            loss_on=d.loss_on if d else "last_turn", max_seq_len=d.max_seq_len if d else None, **common)
+        sequences = [ex.input_ids for ex in examples]
     seqs, total = [], 0
-    for ex in examples:
+    for seq in sequences:
         if total >= n_tokens:
             break
-        ids = ex.input_ids[: n_tokens - total]
+        ids = seq[: n_tokens - total]
         seqs.append(ids)
         total += len(ids)
     if not seqs:

@@ -184,6 +184,8 @@ class Run:
     """LoRA runs: `Adapter.pairs()`."""
     data: DataSection | None = None
     """The run's data section (calibration tokens come from its training set); None for a checkpoint."""
+    objective: str = "sft"
+    """What the data rows are: "sft" examples, "dpo" preference pairs or "grpo" prompts."""
 
     @classmethod
     def of_checkpoint(cls, path) -> "Run":
@@ -211,7 +213,7 @@ def open_run(run_dir, base: str | None = None) -> Run:
     cfg = rd.config
     base_path = base or cfg.model.path
     weights = rd.trained_weights()
-    run = Run(rd.path, Checkpoint(base_path), data=cfg.data)
+    run = Run(rd.path, Checkpoint(base_path), data=cfg.data, objective=cfg.objective)
     if cfg.tuning == "full":
         run.tuned = Checkpoint(weights)
         if run.tuned.config.num_hidden_layers != run.base.config.num_hidden_layers:

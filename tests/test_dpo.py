@@ -54,6 +54,11 @@ def test_dpo_learns_the_preference_and_peft_prefers_chosen(tmp_path, tiny_hf, pa
     assert [r["step"] for r in evals] == [15, 30]
     assert evals[-1]["eval_reward_accuracy"] >= 0.9, evals  # measured: 1.0 (0.95 at step 20)
     assert (run.path / "reference_logps.safetensors").is_file()
+    # exports work as for SFT; GPTQ calibrates on the chosen side of the training pairs
+    from finetune.export import export
+
+    report = export(run.path, "mxfp4", tmp_path / "mxfp4", calib_tokens=256)
+    assert report.calibration_tokens == 256 and report.experts_requantized > 0
 
     # transformers + PEFT with the adapter written: chosen more likely than rejected on held-out pairs
     held, _ = datalib.load_pairs(pairs[1], max_seq_len=256)
@@ -122,3 +127,63 @@ def test_bad_preference_rows_and_configs_are_named(tmp_path, tiny_hf, pairs, cap
     assert "do not train with method: dpo" in capsys.readouterr().err
     assert main(["train", str(cfg), "dpo.beta=0"]) == 2
     assert "dpo.beta" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_two_processes_give_the_dpo_losses_of_one(tmp_path, tiny_hf, pairs):
+    """DDP over gloo: 2 processes of 2 pairs give the losses and rewards of 1 process of 4 pairs
+    (the reference log-probs are computed by both processes, each its half, and gathered)."""
+    import subprocess
+    import sys
+
+    logs = {}
+    for name, batch in (("one", 4), ("two", 2)):
+        cfg = tmp_path / f"{name}.yaml"
+        cfg.write_text(yaml.safe_dump(_config(tmp_path / name, tiny_hf, pairs, train={
+            "max_steps": 3, "batch_size": batch, "eval_every": None, "save_every": None}).to_dict()))
+        cmd = [sys.executable, "-m", "finetune.cli", "train", str(cfg)]
+        if name == "two":
+            cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+                   str(ROOT / "configs" / "accelerate" / "ddp.yaml"), "--num_processes", "2",
+                   "--mixed_precision", "no", *cmd[1:]]
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        logs[name] = [json.loads(x) for x in (tmp_path / name / "run" / "metrics.jsonl").read_text().splitlines()]
+    # Losses to float reduction order (1e-4 relative, as the SFT check); rewards are beta x differences
+    # of summed log-probs of ~100 tokens computed in batches of other shapes: 1e-3 absolute. Steps 2
+    # and 3 use the reference log-probs each process computed for its half. (No eval after the last
+    # step: Adam turns float noise in near-zero gradients into lr-sized steps, so the final weights
+    # agree less closely than the losses along the way.)
+    # The single rewards are not compared: after an update, that noise moves chosen and rejected
+    # log-probs together by ~1e-2 (their margin, which the loss sees, by far less).
+    tolerance = {"loss": lambda v: 1e-4 * max(1.0, abs(v)), "reward_margin": lambda v: 1e-3,
+                 "reward_accuracy": lambda v: 0.0}
+    for a, b in zip(logs["one"], logs["two"], strict=True):
+        for k, tol in tolerance.items():
+            if k in a:
+                assert abs(a[k] - b[k]) <= tol(a[k]), (k, a, b)
+
+
+def test_saved_reference_is_reused_only_for_the_same_pairs_and_reference(tmp_path, tiny_hf, pairs, capsys):
+    from accelerate import Accelerator
+
+    from finetune.dpo import DPO
+    from finetune.trainer import load_model
+
+    few = tmp_path / "few.jsonl"
+    few.write_text("\n".join(pairs[0].read_text().splitlines()[:4]) + "\n")
+    run = RunDir(tmp_path / "run")
+    run.path.mkdir()
+    acc = Accelerator(cpu=True)
+
+    def prepared(**over):
+        cfg = _config(tmp_path, tiny_hf, (few, few), data={"eval": None}, **over)
+        dpo = DPO(cfg, torch.device("cpu"))
+        dpo.prepare(load_model(cfg, torch.device("cpu")), dpo.load(cfg), acc, run)
+        return dpo.reference["train"]
+
+    first = prepared()
+    assert torch.equal(prepared(), first) and "recomputing" not in capsys.readouterr().out  # read back
+    few.write_text("\n".join(pairs[0].read_text().splitlines()[4:8]) + "\n")  # other pairs, same count
+    other = prepared()
+    assert "recomputing" in capsys.readouterr().out and not torch.equal(other, first)

@@ -115,6 +115,10 @@ def test_short_grpo_run_logs_rewards_kl_and_rollouts(tmp_path, tiny_hf, monkeypa
     assert [r["step"] for r in rollouts] == [1, 1, 2, 2, 3, 3, 4, 4]
     assert {"prompt", "completion", "reward", "advantage", "reward_answer_and_first_token"} <= set(rollouts[0])
     assert rollouts[0]["prompt"].endswith("<|start|>assistant")
+    from finetune.export import export
+
+    report = export(run.path, "mxfp4", tmp_path / "mxfp4", calib_tokens=128)  # calibrated on the prompts
+    assert report.calibration_tokens == 128 and report.experts_requantized > 0
 
 
 def test_killed_grpo_run_resumes_bit_identical(tmp_path, tiny_hf):
@@ -186,7 +190,7 @@ def test_grpo_raises_greedy_accuracy_of_a_weak_sft_adapter(tmp_path, tiny_hf):
     g["model"] = {"path": str(tiny_hf), "adapter": str(sft_run.adapter)}
     g["data"].update(train=str(PROMPTS[0]), eval=None)
     g["grpo"]["rewards"] = [f"{tmp_path / 'my_rewards.py'}:right_sound"]
-    g["train"].update(max_steps=80, eval_every=None, save_every=None)
+    g["train"].update(max_steps=120, eval_every=None, save_every=None)
     g["output_dir"] = str(tmp_path / "grpo")
     t0 = time.perf_counter()
     grpo_run = RunDir(train(cfglib.from_dict(g)))
@@ -194,3 +198,23 @@ def test_grpo_raises_greedy_accuracy_of_a_weak_sft_adapter(tmp_path, tiny_hf):
     after = accuracy(grpo_run.adapter)
     print(f"greedy accuracy {before:.3f} -> {after:.3f} (sampled at T=0.5 before: {sampled:.3f}); GRPO {minutes:.1f} min")
     assert after - before >= 0.3 and minutes <= 10
+
+
+@pytest.mark.slow
+def test_grpo_runs_on_two_processes(tmp_path, tiny_hf):
+    """DDP over gloo: each process samples its own prompts' completions (seeded by its rank) and
+    the step's loss and rewards are averaged over both."""
+    import subprocess
+    import sys
+
+    cfg = tmp_path / "two.yaml"
+    cfg.write_text(yaml.safe_dump(_config(tmp_path, tiny_hf, ["format", "exact_match"],
+                                          train={"max_steps": 2, "batch_size": 1, "eval_every": 2}).to_dict()))
+    proc = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+                           str(ROOT / "configs" / "accelerate" / "ddp.yaml"), "--num_processes", "2",
+                           "--mixed_precision", "no", "-m", "finetune.cli", "train", str(cfg)],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "2 process(es), MULTI_CPU" in proc.stdout
+    rows = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if "lr" in r] == [1, 2] and any("eval_reward" in r for r in rows)
