@@ -237,6 +237,7 @@ def main(argv=None) -> int:
         out["full_run_s"] = old["total_s"] if not old.get("quick") else old.get("full_run_s")
     if not args.quick:
         out["full_run_s"] = total
+    out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "results.json").write_text(json.dumps(out, indent=2, default=str))
     write_markdown(out_dir / "RESULTS.md", out)
     print((out_dir / "RESULTS.md").read_text())

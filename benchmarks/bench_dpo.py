@@ -65,7 +65,7 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.bench_moe import _reset_peak, _status
+from benchmarks.measure import reset_peak, status, timed_steps
 from benchmarks.bench_train_step import QUICK_SHAPE, SHAPE, build_checkpoint
 
 R, ALPHA, BETA, LR = 16, 32, 0.1, 1e-4
@@ -146,17 +146,7 @@ def _ours(path: Path, size: dict, steps: int, tmp: Path) -> dict:
 
 
 def _timed(step, steps: int, **extra) -> dict:
-    first_loss = step()  # warm-up: allocator, thread pool, decode tables
-    warm_peak = _status("VmHWM:")
-    _reset_peak()
-    times = []
-    for _ in range(steps):
-        t = time.perf_counter()
-        step()
-        times.append(time.perf_counter() - t)
-    step_peak = _status("VmHWM:")
-    return {"step_s": min(times), "step_times": times, "first_loss": first_loss,
-            "peak_rss_bytes": max(warm_peak, step_peak), "step_peak_rss_bytes": step_peak, **extra}
+    return {**timed_steps(step, steps), **extra}
 
 
 def _word_tokenizer():
@@ -203,8 +193,8 @@ def _trl(path: Path, size: dict, steps: int, tmp: Path, precompute: bool) -> dic
     class Clock(TrainerCallback):
         def on_step_begin(self, args, state, control, **kw):
             if len(marks["end"]) == 1:  # after the warm-up step: the step-only peak starts here
-                marks["warm_peak"] = _status("VmHWM:")
-                _reset_peak()
+                marks["warm_peak"] = status("VmHWM:")
+                reset_peak()
             marks["begin"].append(time.perf_counter())
 
         def on_step_end(self, args, state, control, **kw):
@@ -212,7 +202,7 @@ def _trl(path: Path, size: dict, steps: int, tmp: Path, precompute: bool) -> dic
 
     trainer.add_callback(Clock())
     trainer.train()
-    step_peak = _status("VmHWM:")
+    step_peak = status("VmHWM:")
     times = [e - b for b, e in zip(marks["begin"][1:], marks["end"][1:])]
     logs = [h for h in trainer.state.log_history if "loss" in h]
     first = {k: logs[0][k] for k in ("logps/chosen", "logps/rejected")}
@@ -224,7 +214,7 @@ def _trl(path: Path, size: dict, steps: int, tmp: Path, precompute: bool) -> dic
 
 def run_side(side: str, path: Path, size: dict, steps: int) -> dict:
     torch.manual_seed(0)
-    base = _status("VmRSS:")
+    base = status("VmRSS:")
     with tempfile.TemporaryDirectory(prefix=f"bench_dpo_{side}_") as tmp:
         if side == "ours":
             r = _ours(path, size, steps, Path(tmp))

@@ -25,6 +25,8 @@ import time
 
 import torch
 
+from benchmarks.measure import reset_peak, status
+
 SHAPES = {
     # gpt-oss-20b's expert count and top-k (32, 4) at a third of its width (2880): ~1 min on 2 cores
     "default": dict(experts=32, hidden=1024, width=1024, top_k=4),
@@ -32,18 +34,6 @@ SHAPES = {
     # something else: 256 rows per expert and an 8-expert B A, where PEFT's dense update is cheap.
     "quick": dict(experts=32, hidden=512, width=512, top_k=4),
 }
-
-
-def _status(key: str) -> int:
-    for line in open("/proc/self/status"):
-        if line.startswith(key):
-            return int(line.split()[1]) * 1024
-    raise KeyError(key)
-
-
-def _reset_peak() -> None:
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")  # resets VmHWM to the current RSS (Linux >= 4.0)
 
 
 def _inputs(shape, tokens, r, seed=0):
@@ -129,7 +119,7 @@ def run_side(side: str, shape_name: str, tokens: int, r: int, steps: int) -> dic
     torch.manual_seed(0)
     shape = SHAPES[shape_name]
     w1, w2, b1, b2, x, idx, weights, lora = _inputs(shape, tokens, r)
-    base_rss = _status("VmRSS:")
+    base_rss = status("VmRSS:")
     if side == "ours":
         fn, params = _ours(shape, w1, w2, b1, b2, lora, r)
         impl = "mxfp4 sorted groups"
@@ -148,13 +138,13 @@ def run_side(side: str, shape_name: str, tokens: int, r: int, steps: int) -> dic
         return y
 
     y = step()  # warm-up (not timed): allocator, decode table, thread pool
-    _reset_peak()
+    reset_peak()
     times = []
     for _ in range(steps):
         t0 = time.perf_counter()
         y = step()
         times.append(time.perf_counter() - t0)
-    peak = _status("VmHWM:") - base_rss
+    peak = status("VmHWM:") - base_rss
     checksum = {"y": y.detach().double().norm().item(), "x_grad": x.grad.double().norm().item(),
                 "lora_grad": sum(p.grad.double().norm().item() for p in params)}
     return {"side": side, "impl": impl, "tokens_per_s": tokens / min(times), "step_s": min(times),

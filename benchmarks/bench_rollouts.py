@@ -42,7 +42,7 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.bench_moe import _status
+from benchmarks.measure import status
 from benchmarks.bench_train_step import QUICK_SHAPE, SHAPE, build_checkpoint
 
 R, ALPHA = 16, 32
@@ -123,7 +123,7 @@ def run_side(side: str, path: Path, adapter: Path, prompt: list[int], g: int, n:
     return {"side": side, "tokens_per_s": counts[best] / times[best], "generate_s": times[best],
             "tokens": counts[best], "times": times, "counts": counts, "load_s": load_s,
             "top5_ids": top.indices.tolist(), "top5_logprobs": top.values.tolist(),
-            "peak_rss_bytes": _status("VmHWM:"), "threads": torch.get_num_threads()}
+            "peak_rss_bytes": status("VmHWM:"), "threads": torch.get_num_threads()}
 
 
 def main(argv=None) -> dict:

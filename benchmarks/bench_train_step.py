@@ -34,7 +34,7 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.bench_moe import _reset_peak, _status
+from benchmarks.measure import status, timed_steps
 
 SHAPE = dict(hidden_size=512, intermediate_size=512, num_hidden_layers=4, num_attention_heads=8,
              num_key_value_heads=2, head_dim=64, num_local_experts=32, num_experts_per_tok=4)
@@ -87,7 +87,7 @@ def _peer(path: Path):
 
 def run_side(side: str, path: Path, batch_size: int, seq_len: int, steps: int) -> dict:
     torch.manual_seed(0)
-    base_rss = _status("VmRSS:")
+    base_rss = status("VmRSS:")
     t0 = time.perf_counter()
     loss_fn, m = (_ours if side == "ours" else _peer)(path)
     load_s = time.perf_counter() - t0
@@ -103,20 +103,10 @@ def run_side(side: str, path: Path, batch_size: int, seq_len: int, steps: int) -
         opt.zero_grad(set_to_none=True)
         return float(loss)
 
-    first_loss = step()  # warm-up: allocator, thread pool, decode tables
-    load_and_first_peak = _status("VmHWM:")
-    _reset_peak()
-    times = []
-    for _ in range(steps):
-        t = time.perf_counter()
-        step()
-        times.append(time.perf_counter() - t)
-    step_peak = _status("VmHWM:")
-    return {"side": side, "tokens_per_s": batch_size * seq_len / min(times), "step_s": min(times),
-            "step_times": times, "load_s": load_s, "first_loss": first_loss,
-            "trainable_params": sum(p.numel() for p in params),
-            "peak_rss_bytes": max(load_and_first_peak, step_peak), "step_peak_rss_bytes": step_peak,
-            "base_rss_bytes": base_rss, "threads": torch.get_num_threads()}
+    timed = timed_steps(step, steps)
+    return {"side": side, "tokens_per_s": batch_size * seq_len / timed["step_s"], **timed, "load_s": load_s,
+            "trainable_params": sum(p.numel() for p in params), "base_rss_bytes": base_rss,
+            "threads": torch.get_num_threads()}
 
 
 def main(argv=None) -> dict:

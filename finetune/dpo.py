@@ -29,7 +29,7 @@ from model.checkpoint import atomic_file
 from model.lora import adapters_disabled
 from model.loss import sequence_sums
 
-from .objectives import Data, Objective, TrainingError, forward, stat, sum_stats
+from .objectives import Data, Objective, forward, load_split, stat, sum_stats
 
 LOSSES = ("sigmoid", "ipo", "hinge")
 """`dpo.loss`: which preference loss."""
@@ -84,24 +84,12 @@ class DPO(Objective):
 
     def load(self, cfg) -> Data:
         d = cfg.data
-        common = dict(on_error=d.on_error, loss_on=d.loss_on, reasoning_effort=d.reasoning_effort,
-                      max_seq_len=d.max_seq_len, truncation=d.truncation)
-        train, report = datalib.load_pairs(d.train, split=d.split, **common)
-        lines = [f"train {d.train}: {report}"]
-        evals = []
-        if d.eval is not None:
-            evals, ereport = datalib.load_pairs(d.eval, split=d.eval_split, **common)
-            lines.append(f"eval {d.eval}: {ereport}")
-        elif d.eval_fraction > 0:
-            n = max(1, round(len(train) * d.eval_fraction))
-            held = set(datalib.shuffle(range(len(train)), cfg.train.seed)[:n])
-            train, evals = [p for i, p in enumerate(train) if i not in held], [p for i, p in enumerate(train) if i in held]
-            lines.append(f"eval: {n} pairs held out of train (eval_fraction {d.eval_fraction})")
-        if not train:
-            raise TrainingError(f"no preference pairs in {d.train} ({report})")
-        # rows carry their index: the reference log-probs are looked up by it
+        train, evals, report = load_split(cfg, lambda source, split: datalib.load_pairs(
+            source, split=split, on_error=d.on_error, loss_on=d.loss_on, reasoning_effort=d.reasoning_effort,
+            max_seq_len=d.max_seq_len, truncation=d.truncation), "preference pairs")
+        # rows carry their split and index: the reference log-probs are looked up by them
         return Data([("train", i, p) for i, p in enumerate(train)], [("eval", i, p) for i, p in enumerate(evals)],
-                    "\n".join(lines))
+                    report)
 
     def prepare(self, model, data: Data, accelerator, run) -> None:
         path = run.path / self.REFERENCE_FILE

@@ -31,7 +31,7 @@ from model.lora import adapters_disabled
 from model.loss import count_trained
 
 from .generate import generate_grouped
-from .objectives import Data, Objective, TrainingError, forward, stat, sum_stats
+from .objectives import Data, Objective, TrainingError, forward, load_split, stat, sum_stats
 from .rewards import Completion, load_reward, score
 
 
@@ -60,21 +60,9 @@ class GRPO(Objective):
 
     def load(self, cfg) -> Data:
         d = cfg.data
-        common = dict(on_error=d.on_error, reasoning_effort=d.reasoning_effort, max_prompt_len=cfg.grpo.max_prompt_len)
-        train, report = datalib.load_prompts(d.train, split=d.split, **common)
-        lines = [f"train {d.train}: {report}"]
-        evals = []
-        if d.eval is not None:
-            evals, ereport = datalib.load_prompts(d.eval, split=d.eval_split, **common)
-            lines.append(f"eval {d.eval}: {ereport}")
-        elif d.eval_fraction > 0:
-            n = max(1, round(len(train) * d.eval_fraction))
-            held = set(datalib.shuffle(range(len(train)), cfg.train.seed)[:n])
-            train, evals = [p for i, p in enumerate(train) if i not in held], [p for i, p in enumerate(train) if i in held]
-            lines.append(f"eval: {n} prompts held out of train (eval_fraction {d.eval_fraction})")
-        if not train:
-            raise TrainingError(f"no prompts in {d.train} ({report})")
-        return Data(train, evals, "\n".join(lines))
+        return Data(*load_split(cfg, lambda source, split: datalib.load_prompts(
+            source, split=split, on_error=d.on_error, reasoning_effort=d.reasoning_effort,
+            max_prompt_len=cfg.grpo.max_prompt_len), "prompts"))
 
     def prepare(self, model, data: Data, accelerator, run) -> None:
         self.rank, self.unwrap, self.rollouts_path = accelerator.process_index, accelerator.unwrap_model, run.rollouts

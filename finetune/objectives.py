@@ -35,6 +35,26 @@ class Data:
     report: str
 
 
+def load_split(cfg, load, what: str) -> tuple[list, list, str]:
+    """Train and eval rows of a method whose rows stand alone (pairs, prompts): `load(source, split)`
+    -> (rows, report) reads data.train, and data.eval or, with eval_fraction, a seeded held-out
+    share of train. Returns (train, eval, report text)."""
+    d = cfg.data
+    train, report = load(d.train, d.split)
+    lines, evals = [f"train {d.train}: {report}"], []
+    if d.eval is not None:
+        evals, ereport = load(d.eval, d.eval_split)
+        lines.append(f"eval {d.eval}: {ereport}")
+    elif d.eval_fraction > 0:
+        n = max(1, round(len(train) * d.eval_fraction))
+        held = set(datalib.shuffle(range(len(train)), cfg.train.seed)[:n])
+        train, evals = [r for i, r in enumerate(train) if i not in held], [r for i, r in enumerate(train) if i in held]
+        lines.append(f"eval: {n} {what} held out of train (eval_fraction {d.eval_fraction})")
+    if not train:
+        raise TrainingError(f"no {what} in {d.train} ({report})")
+    return train, evals, "\n".join(lines)
+
+
 def forward(model, batch: dict, device, *, aux: bool = False):
     """The model on a collated batch (input_ids, labels, position_ids) moved to `device`."""
     return model(batch["input_ids"].to(device), labels=batch["labels"].to(device),
