@@ -162,8 +162,9 @@ class WandbSection:
 @dataclass(frozen=True)
 class EvaluateSection:
     generate: str | None = None
-    """Held-out rows (in data.format) whose last assistant turn ends in a final answer: the model
-    greedily completes each prompt and `summary.json` reports exact-match accuracy of the final."""
+    """Held-out rows (in data.format; for dpo and grpo, conversations in any SFT format) whose last
+    assistant turn ends in a final answer: the model greedily completes each prompt and
+    `summary.json` reports exact-match accuracy of the final."""
     limit: int | None = None
     """Use at most this many held-out rows."""
     max_new_tokens: int = 64

@@ -221,7 +221,9 @@ def _setup(cfg: cfglib.Config, accelerator: Accelerator, precision: str, *, resu
     accelerator.print(f"trainable parameters: {sum(p.numel() for p in params.values()):,} "
                       f"of {sum(p.numel() for p in model.parameters()):,} ({cfg.method}, {cfg.tuning})")
     results: dict = {}
-    probes = load_probes(cfg.evaluate.generate, data_format=cfg.data.format, limit=cfg.evaluate.limit) \
+    # DPO and GRPO rows are pairs and prompts; their probes are conversations, read with format auto
+    probe_format = cfg.data.format if cfg.objective == "sft" else "auto"
+    probes = load_probes(cfg.evaluate.generate, data_format=probe_format, limit=cfg.evaluate.limit) \
         if cfg.evaluate.generate and main else None
     if probes and cfg.evaluate.before_training and not resume:
         results["base"] = _accuracy(model, probes, cfg, "base model")

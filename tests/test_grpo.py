@@ -97,7 +97,9 @@ def test_short_grpo_run_logs_rewards_kl_and_rollouts(tmp_path, tiny_hf, monkeypa
     (tmp_path / "my_rewards.py").write_text(USER_REWARDS)
     monkeypatch.syspath_prepend(str(tmp_path))
     cfg = _config(tmp_path, tiny_hf, ["my_rewards:answer_and_first_token", "format"], grpo={"beta": 0.05},
-                  data={"eval": None, "eval_fraction": 0.01})
+                  data={"eval": None, "eval_fraction": 0.01},
+                  evaluate={"generate": str(ROOT / "recipes" / "data" / "quickstart_eval.jsonl"), "limit": 2,
+                            "max_new_tokens": 4, "before_training": False})
     run = RunDir(train(cfg))
     rows = [json.loads(x) for x in run.metrics.read_text().splitlines()]
     steps = [r for r in rows if "lr" in r]
@@ -115,6 +117,7 @@ def test_short_grpo_run_logs_rewards_kl_and_rollouts(tmp_path, tiny_hf, monkeypa
     assert [r["step"] for r in rollouts] == [1, 1, 2, 2, 3, 3, 4, 4]
     assert {"prompt", "completion", "reward", "advantage", "reward_answer_and_first_token"} <= set(rollouts[0])
     assert rollouts[0]["prompt"].endswith("<|start|>assistant")
+    assert json.loads(run.summary.read_text())["eval_prompts"] == 2  # evaluate.generate on conversations
     from finetune.export import export
 
     report = export(run.path, "mxfp4", tmp_path / "mxfp4", calib_tokens=128)  # calibrated on the prompts
