@@ -29,7 +29,7 @@ from model.checkpoint import atomic_file
 from model.lora import adapters_disabled
 from model.loss import sequence_sums
 
-from .objectives import Data, Objective, forward, load_split, stat, sum_stats
+from .objectives import Data, Objective, forward, load_split, stat
 
 LOSSES = ("sigmoid", "ipo", "hinge")
 """`dpo.loss`: which preference loss."""
@@ -159,8 +159,3 @@ class DPO(Objective):
         stats = {"loss": stat(total, n), "rewards_chosen": stat(rc.sum(), n), "rewards_rejected": stat(rr.sum(), n),
                  "reward_margin": stat((rc - rr).sum(), n), "reward_accuracy": stat((rc > rr).sum(), n)}
         return total, stats, out.aux_loss
-
-    @torch.no_grad()
-    def evaluate(self, model, rows: list, batch_size: int) -> dict[str, torch.Tensor]:
-        return sum_stats(self.loss(model, self.batch(model, rows[i:i + batch_size], step=0, micro=0))[1]
-                         for i in range(0, len(rows), batch_size))

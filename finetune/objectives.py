@@ -92,9 +92,12 @@ class Objective:
     def loss(self, model, batch: dict, *, aux: bool = False):
         raise NotImplementedError
 
+    @torch.no_grad()
     def evaluate(self, model, rows: list, batch_size: int) -> dict[str, torch.Tensor]:
-        """`stats` over held-out rows (this process's share), logged with the prefix eval_."""
-        raise NotImplementedError
+        """`stats` over held-out rows (this process's share), logged with the prefix eval_: by default
+        the training loss and stats of each batch of rows, without gradients."""
+        return sum_stats(self.loss(model, self.batch(model, rows[i:i + batch_size], step=0, micro=0))[1]
+                         for i in range(0, len(rows), batch_size))
 
     def after_log(self, step: int, logger) -> None:
         """Called after each logged step (GRPO writes sample rollouts)."""
@@ -139,11 +142,6 @@ class SFT(Objective):
         out = forward(model, batch, self.device, aux=aux)
         total = -out.token_logprobs.sum() if out.n_tokens else out.loss  # (a zero reaching every parameter)
         return total, {"loss": stat(total, out.n_tokens)}, out.aux_loss
-
-    @torch.no_grad()
-    def evaluate(self, model, rows: list, batch_size: int) -> dict[str, torch.Tensor]:
-        return sum_stats(self.loss(model, self.batch(model, rows[i:i + batch_size], step=0, micro=0))[1]
-                         for i in range(0, len(rows), batch_size))
 
 
 def sum_stats(stats) -> dict[str, torch.Tensor]:

@@ -7,17 +7,12 @@ import json
 import pytest
 
 pytest.importorskip("openai_harmony")
-from harmony_oracle import ENC, assistant  # noqa: E402
+from harmony_oracle import ENC, assistant, call, developer, result, system, user  # noqa: E402
 from openai_harmony import (  # noqa: E402
-    Author,
     Conversation,
-    DeveloperContent,
-    Message,
     ReasoningEffort,
     RenderConversationConfig,
     Role,
-    SystemContent,
-    ToolDescription,
 )
 
 from data import DataError, load_examples  # noqa: E402
@@ -25,30 +20,14 @@ WEATHER = {"type": "object", "properties": {"city": {"type": "string", "descript
                                             "unit": {"type": "string", "enum": ["c", "f"]}}, "required": ["city"]}
 
 
-def user(text):
-    return Message.from_role_and_content(Role.USER, text)
 
 
-def call(name, args):
-    return assistant(args, "commentary", recipient=f"functions.{name}", content_type="<|constrain|>json")
 
 
-def result(name, text):
-    return (Message.from_author_and_content(Author.new(Role.TOOL, f"functions.{name}"), text)
-            .with_channel("commentary").with_recipient("assistant"))
 
 
-def developer(instructions=None, tools=()):
-    d = DeveloperContent.new()
-    if instructions is not None:
-        d = d.with_instructions(instructions)
-    if tools:
-        d = d.with_function_tools([ToolDescription.new(n, desc, p) for n, desc, p in tools])
-    return Message.from_role_and_content(Role.DEVELOPER, d)
 
 
-def system(effort=ReasoningEffort.MEDIUM):
-    return Message.from_role_and_content(Role.SYSTEM, SystemContent.new().with_reasoning_effort(effort))
 
 
 def assert_renders_like(row, fmt, messages, **kw):
