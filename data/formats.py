@@ -8,6 +8,8 @@ sharegpt           {"conversations": [{"from": "human"|"gpt"|"system", "value": 
 preference         {"prompt": str | messages, "chosen": str | messages, "rejected": str | messages}
                    (DPO), or chosen/rejected as whole conversations sharing their prompt
 prompts            {"prompt": str | messages, ...columns for reward functions} (GRPO)
+NAME               a public dataset's own schema, mapped to one of the above by `data.mappings`
+                   (multilingual_thinking, xlam, openr1_math: conversations; gsm8k: prompts)
 
 Every format honours the per-row columns `reasoning_effort` (low/medium/high), `developer`
 (instructions) and `tools` (OpenAI function specs, or a JSON string of them). The mapping of plain
@@ -29,6 +31,7 @@ import sys
 from collections.abc import Callable, Mapping, Sequence
 
 from data.errors import DataError
+from data.mappings import MAPPINGS, mapped
 from data.harmony import (
     REASONING_EFFORTS,
     DeveloperContent,
@@ -39,13 +42,24 @@ from data.harmony import (
     function_tools,
 )
 
-FORMATS = ("harmony", "messages", "openai", "prompt_completion", "sharegpt")
-"""Conversation formats: rows to train on with supervised fine-tuning."""
-PAIR_FORMATS = ("preference",)
+def _mappings(kind: str) -> tuple[str, ...]:
+    return tuple(name for name, m in MAPPINGS.items() if m.kind == kind)
+
+
+FORMATS = ("harmony", "messages", "openai", "prompt_completion", "sharegpt", *_mappings("conversation"))
+"""Conversation formats: rows to train on with supervised fine-tuning (the generic ones, then the
+row mappings of public datasets in `data.mappings`)."""
+PAIR_FORMATS = ("preference", *_mappings("preference"))
 """Rows of a prompt and a chosen and a rejected completion (method: dpo; `data.pipeline.load_pairs`)."""
-PROMPT_FORMATS = ("prompts",)
+PROMPT_FORMATS = ("prompts", *_mappings("prompts"))
 """Rows of a prompt for the model to answer, with columns for reward functions (method: grpo;
 `data.pipeline.load_prompts`)."""
+
+
+def generic_row(row, format: str):
+    """A dataset row in one of the generic formats: mapped by `data.mappings` when `format` names
+    a dataset's mapping, else as it is."""
+    return mapped(row, format) if format in MAPPINGS else row
 
 
 def _err(what: str, reason: str) -> DataError:
@@ -492,6 +506,7 @@ CONVERTERS: dict[str, Callable[[Mapping], list[Message]]] = {
     "openai": from_messages,
     "prompt_completion": from_prompt_completion,
     "sharegpt": from_sharegpt,
+    **{name: from_messages for name in _mappings("conversation")},  # mappings give `messages` rows
 }
 
 
@@ -501,7 +516,7 @@ def to_conversation(row: Mapping, format: str) -> list[Message]:
         raise DataError(f"unknown format {format!r} (expected auto or one of {', '.join(FORMATS)})", "bad option")
     if not isinstance(row, Mapping):
         raise _err(f"a row must be a JSON object, got {type(row).__name__}", "not an object")
-    return CONVERTERS[format](row)
+    return CONVERTERS[format](generic_row(row, format))
 
 
 def detect_format(row: Mapping) -> tuple[str, str]:

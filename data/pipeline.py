@@ -30,6 +30,7 @@ from data.formats import (
     PROMPT_FORMATS,
     announce,
     detect_format,
+    generic_row,
     preference_conversations,
     prompt_conversation,
     to_conversation,
@@ -157,15 +158,18 @@ def _numbered(rows, where: str) -> list[tuple[str, object]]:
     return [(f"{where} row {i}".lstrip(), row) for i, row in enumerate(rows)]
 
 
-def read_rows(source, split: str = "train") -> tuple[str, list[tuple[str, object]]]:
-    """(description, [(location, row or DataError), ...]) from a path, a hub id, a `datasets.Dataset`
-    or a list of row dicts."""
+def read_rows(source, split: str = "train", subset: str | None = None) -> tuple[str, list[tuple[str, object]]]:
+    """(description, [(location, row or DataError), ...]) from a path, a hub id (`subset`: the
+    dataset's configuration, e.g. gsm8k's "main"), a `datasets.Dataset` or a list of row dicts."""
     if isinstance(source, (str, os.PathLike)) and (os.path.exists(source) or Path(source).suffix in LOCAL_SUFFIXES):
         path = Path(source)
         if not path.exists():
             raise DataError(f"{path}: no such file or folder", "no such file")
         if split != "train":
             raise DataError(f"{path}: local files have one split, 'train' (got {split!r})", "bad option")
+        if subset is not None:
+            raise DataError(f"{path}: local files have no subsets (got {subset!r}); subsets are for hub ids",
+                            "bad option")
         out: list[tuple[str, object]] = []
         for file in _local_files(path):
             if file.suffix in (".jsonl", ".json"):
@@ -180,14 +184,15 @@ def read_rows(source, split: str = "train") -> tuple[str, list[tuple[str, object
         import datasets
 
         try:
-            ds = datasets.load_dataset(source, split=split)
+            ds = datasets.load_dataset(source, subset, split=split)
         except Exception as e:  # the hub raises many types; the message is what the user needs
             raise DataError(f"{source}: not a local file or folder, and loading it from the hub failed: "
                             f"{type(e).__name__}: {e}. To work offline, download the dataset where there is a "
                             "network and pass its local .jsonl/.json/.parquet/.csv files or folder instead, "
                             "or set HF_DATASETS_OFFLINE=1 to read it from the local datasets cache",
                             "cannot load") from None
-        return f"{source}[{split}]", _numbered(ds, f"{source}[{split}]")
+        name = f"{source}[{subset}/{split}]" if subset else f"{source}[{split}]"
+        return name, _numbered(ds, name)
     if isinstance(source, Sequence) or hasattr(source, "__iter__"):
         return "rows", _numbered(source, "")
     raise DataError(f"cannot read data from a {type(source).__name__}", "cannot load")
@@ -263,6 +268,7 @@ def load_examples(
     format: str = "auto",
     *,
     split: str = "train",
+    subset: str | None = None,
     on_error: str = "raise",
     split_turns: bool = True,
     loss_on: str = "last_turn",
@@ -290,7 +296,7 @@ def load_examples(
     _check("truncation", truncation, TRUNCATION)
     _check("reasoning_effort", reasoning_effort, (None, *REASONING_EFFORTS))
     get_tokenizer()  # a missing vocab is one error about the setup, not one per row
-    where, rows = read_rows(source, split)
+    where, rows = read_rows(source, split, subset)
     report = LoadReport(source=where, rows=len(rows))
     if format == "auto":
         loc, first = _first_row(where, rows)
@@ -336,12 +342,12 @@ def load_examples(
 
 # --- preference pairs (DPO) ---
 
-def _render_pair(row, loss_on: str, effort: str | None):
+def _render_pair(row, fmt: str, loss_on: str, effort: str | None):
     """("ok", [(ids, mask) chosen, (ids, mask) rejected]) or ("error", reason, message)."""
     if isinstance(row, DataError):
         return "error", row.reason, str(row)
     try:
-        prompt, chosen, rejected = preference_conversations(row)
+        prompt, chosen, rejected = preference_conversations(generic_row(row, fmt))
         prompt_ids = render_for_completion(prompt, reasoning_effort=effort)
         n = len(prompt_ids)
         sides = []
@@ -362,14 +368,16 @@ def _render_pair(row, loss_on: str, effort: str | None):
 
 
 def _render_pair_chunk(args):
-    rows, loss_on, effort = args
-    return [_render_pair(row, loss_on, effort) for row in rows]
+    rows, fmt, loss_on, effort = args
+    return [_render_pair(row, fmt, loss_on, effort) for row in rows]
 
 
 def load_pairs(
     source,
+    format: str = "preference",
     *,
     split: str = "train",
+    subset: str | None = None,
     on_error: str = "raise",
     loss_on: str = "last_turn",
     reasoning_effort: str | None = None,
@@ -386,23 +394,25 @@ def load_pairs(
     prompt tokens (`render_for_completion` of the prompt), which is checked. A pair with a side longer
     than `max_seq_len` is dropped, or both sides are cut to it (`truncation="truncate"`; a side left
     with nothing trained drops the pair); a side with nothing to train drops the pair; all counted.
-    source, split, on_error, num_proc: as for `load_examples`; a first row with neither 'chosen' nor
-    'rejected' is an error whatever on_error says (the data is not preference data).
+    format: "preference", or a dataset mapping of that kind (`PAIR_FORMATS`). source, split, subset,
+    on_error, num_proc: as for `load_examples`; a first row with neither 'chosen' nor 'rejected' is
+    an error whatever on_error says (the data is not preference data).
     """
+    _check("format", format, PAIR_FORMATS)
     _check("on_error", on_error, ON_ERROR)
     _check("loss_on", loss_on, LOSS_ON)
     _check("truncation", truncation, TRUNCATION)
     _check("reasoning_effort", reasoning_effort, (None, *REASONING_EFFORTS))
     get_tokenizer()
-    where, rows = read_rows(source, split)
-    report = LoadReport(source=where, format=PAIR_FORMATS[0], rows=len(rows), unit="pairs")
+    where, rows = read_rows(source, split, subset)
+    report = LoadReport(source=where, format=format, rows=len(rows), unit="pairs")
     loc, first = _first_row(where, rows)
-    if "chosen" not in first and "rejected" not in first:
+    if format == "preference" and "chosen" not in first and "rejected" not in first:
         raise DataError(f"{loc}: not a preference row: no 'chosen' and 'rejected' columns (columns: "
                         f"{', '.join(map(str, first))}); method: dpo needs prompt/chosen/rejected rows",
                         "not preference data")
 
-    results = _map_chunks(_render_pair_chunk, rows, (loss_on, reasoning_effort), num_proc)
+    results = _map_chunks(_render_pair_chunk, rows, (format, loss_on, reasoning_effort), num_proc)
     pairs = []
     for index, ((loc, _), result) in enumerate(zip(rows, results)):
         if _failed(result, loc, on_error, report):
@@ -444,11 +454,12 @@ def render_prompt(prompt, *, reasoning_effort: str | None = None) -> list[int]:
     return render_for_completion(conv, reasoning_effort=reasoning_effort)
 
 
-def _render_prompt_row(row, effort: str | None):
+def _render_prompt_row(row, fmt: str, effort: str | None):
     """("ok", ids, columns, prompt) or ("error", reason, message)."""
     if isinstance(row, DataError):
         return "error", row.reason, str(row)
     try:
+        row = generic_row(row, fmt)
         ids = render_for_completion(prompt_conversation(row), reasoning_effort=effort)
         return "ok", ids, {k: v for k, v in row.items() if k != "prompt"}, row["prompt"]
     except DataError as e:
@@ -458,14 +469,16 @@ def _render_prompt_row(row, effort: str | None):
 
 
 def _render_prompt_chunk(args):
-    rows, effort = args
-    return [_render_prompt_row(row, effort) for row in rows]
+    rows, fmt, effort = args
+    return [_render_prompt_row(row, fmt, effort) for row in rows]
 
 
 def load_prompts(
     source,
+    format: str = "prompts",
     *,
     split: str = "train",
+    subset: str | None = None,
     on_error: str = "raise",
     reasoning_effort: str | None = None,
     max_prompt_len: int | None = None,
@@ -476,20 +489,23 @@ def load_prompts(
     A row is `{"prompt": text or messages, ...}` (`data.formats.prompt_conversation`; the `system`,
     `developer`, `tools` and `reasoning_effort` columns apply); its ids are `render_prompt`'s, and
     every other column is kept in `columns` for reward functions. Prompts longer than
-    `max_prompt_len` tokens are dropped and counted. source, split, on_error, num_proc: as for
-    `load_examples`; a first row without 'prompt' is an error whatever on_error says.
+    `max_prompt_len` tokens are dropped and counted. format: "prompts", or a dataset mapping of that
+    kind (`PROMPT_FORMATS`; the mapped row's columns reach the rewards). source, split, subset,
+    on_error, num_proc: as for `load_examples`; a first row without 'prompt' is an error whatever
+    on_error says.
     """
+    _check("format", format, PROMPT_FORMATS)
     _check("on_error", on_error, ON_ERROR)
     _check("reasoning_effort", reasoning_effort, (None, *REASONING_EFFORTS))
     get_tokenizer()
-    where, rows = read_rows(source, split)
-    report = LoadReport(source=where, format=PROMPT_FORMATS[0], rows=len(rows), unit="prompts")
+    where, rows = read_rows(source, split, subset)
+    report = LoadReport(source=where, format=format, rows=len(rows), unit="prompts")
     loc, first = _first_row(where, rows)
-    if "prompt" not in first:
+    if format == "prompts" and "prompt" not in first:
         raise DataError(f"{loc}: not a prompts row: no 'prompt' column (columns: {', '.join(map(str, first))}); "
                         "method: grpo needs rows with a 'prompt'", "not prompt data")
 
-    results = _map_chunks(_render_prompt_chunk, rows, (reasoning_effort,), num_proc)
+    results = _map_chunks(_render_prompt_chunk, rows, (format, reasoning_effort), num_proc)
     prompts = []
     for index, ((loc, _), result) in enumerate(zip(rows, results)):
         if _failed(result, loc, on_error, report):

@@ -50,7 +50,8 @@ def _render_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("file", help="a local JSON/JSONL/Parquet/CSV file or folder, or a hub dataset id")
     p.add_argument("--format", default="auto", choices=("auto", *DATA_FORMATS, *PAIR_FORMATS, *PROMPT_FORMATS),
                    help="row format (default: auto, decided from the first row); preference: DPO pairs, "
-                        "both sides shown; prompts: GRPO prompts")
+                        "both sides shown; prompts: GRPO prompts; a dataset's name (xlam, gsm8k, ...): its "
+                        "row mapping (data/mappings.py, `gptoss-ft recipes`)")
     p.add_argument("--jsonl", action="store_true",
                    help='one {"input_ids": [...], "loss_mask": [...]} per example on stdout, in input order; '
                         'preference: {"chosen": {...}, "rejected": {...}} per pair; '
@@ -61,6 +62,7 @@ def _render_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--on-error", choices=ON_ERROR, default="raise")
     p.add_argument("--reasoning-effort", choices=REASONING_EFFORTS, default=None)
     p.add_argument("--split", default="train", help="dataset split for hub ids (default: train)")
+    p.add_argument("--subset", default=None, help="dataset subset (configuration) for hub ids, e.g. main for openai/gsm8k")
     p.add_argument("--limit", type=int, default=None, help="human view: show only the first N examples")
 
 
@@ -73,7 +75,7 @@ def _render(args: argparse.Namespace) -> int:
     if kind == "examples":
         try:
             items, report = load_examples(
-                args.file, args.format, split=args.split, on_error=args.on_error,
+                args.file, args.format, split=args.split, subset=args.subset, on_error=args.on_error,
                 split_turns=not args.no_split_turns, loss_on=args.loss_on, reasoning_effort=args.reasoning_effort,
             )
         except DataError as e:  # format auto on DPO or GRPO rows: show them as such
@@ -83,12 +85,13 @@ def _render(args: argparse.Namespace) -> int:
             fmt, what = ((PAIR_FORMATS[0], "a preference row") if kind == "pairs"
                          else (PROMPT_FORMATS[0], "a prompt row"))
             print(f"data: format auto -> {fmt} ({what} in {str(e).split(': ', 1)[0]})", file=sys.stderr)
+            args.format = fmt
     if kind == "pairs":
-        items, report = load_pairs(args.file, split=args.split, on_error=args.on_error, loss_on=args.loss_on,
-                                   reasoning_effort=args.reasoning_effort)
+        items, report = load_pairs(args.file, args.format, split=args.split, subset=args.subset,
+                                   on_error=args.on_error, loss_on=args.loss_on, reasoning_effort=args.reasoning_effort)
     elif kind == "prompts":
-        items, report = load_prompts(args.file, split=args.split, on_error=args.on_error,
-                                     reasoning_effort=args.reasoning_effort)
+        items, report = load_prompts(args.file, args.format, split=args.split, subset=args.subset,
+                                     on_error=args.on_error, reasoning_effort=args.reasoning_effort)
     try:
         if args.jsonl:
             write = sys.stdout.write

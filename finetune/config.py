@@ -97,6 +97,9 @@ class DataSection:
     """Bad rows stop the run (naming file and line), or are skipped and counted per reason."""
     split: str = "train"
     """Split of a hub dataset to read for training."""
+    subset: str | None = None
+    """Subset (configuration) of a hub dataset, for those that have several (openai/gsm8k: main);
+    the same for train and eval."""
     eval_split: str = "train"
     """Split of `eval` to read when it is a hub dataset (e.g. test_prefs); local files have only train."""
 

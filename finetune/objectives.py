@@ -38,7 +38,8 @@ class Data:
 def load_split(cfg, load, what: str) -> tuple[list, list, str]:
     """Train and eval rows of a method whose rows stand alone (pairs, prompts): `load(source, split)`
     -> (rows, report) reads data.train, and data.eval or, with eval_fraction, a seeded held-out
-    share of train. Returns (train, eval, report text)."""
+    share of train. Returns (train, eval, report text). The loader is given data.format (auto is
+    the method's generic format) and data.subset by the caller."""
     d = cfg.data
     train, report = load(d.train, d.split)
     lines, evals = [f"train {d.train}: {report}"], []
@@ -110,7 +111,7 @@ class SFT(Objective):
 
     def load(self, cfg) -> Data:
         d = cfg.data
-        common = dict(format=d.format, on_error=d.on_error, split_turns=d.split_turns, loss_on=d.loss_on,
+        common = dict(format=d.format, subset=d.subset, on_error=d.on_error, split_turns=d.split_turns, loss_on=d.loss_on,
                       reasoning_effort=d.reasoning_effort, max_seq_len=d.max_seq_len, truncation=d.truncation)
         train, report = datalib.load_examples(d.train, split=d.split, **common)
         lines = [f"train {d.train}: {report}"]

@@ -7,13 +7,8 @@ import json
 import pytest
 
 pytest.importorskip("openai_harmony")
-from harmony_oracle import ENC, assistant, call, developer, result, system, user  # noqa: E402
-from openai_harmony import (  # noqa: E402
-    Conversation,
-    ReasoningEffort,
-    RenderConversationConfig,
-    Role,
-)
+from harmony_oracle import assert_renders_like, assistant, call, developer, result, system, user  # noqa: E402
+from openai_harmony import ReasoningEffort  # noqa: E402
 
 from data import DataError, load_examples  # noqa: E402
 WEATHER = {"type": "object", "properties": {"city": {"type": "string", "description": "City name"},
@@ -28,21 +23,6 @@ WEATHER = {"type": "object", "properties": {"city": {"type": "string", "descript
 
 
 
-
-
-def assert_renders_like(row, fmt, messages, **kw):
-    got, report = load_examples([row], fmt, **kw)
-    want, _ = load_examples([json.loads(Conversation.from_messages(messages).to_json())], "harmony", **kw)
-    assert report.format == fmt and not report.skipped
-    assert [(e.input_ids, e.loss_mask) for e in got] == [(e.input_ids, e.loss_mask) for e in want]
-    # and the last example is the oracle's own render (analysis before the last user message dropped)
-    messages = messages if messages[0].author.role == Role.SYSTEM else [system(), *messages]
-    last_user = max(i for i, m in enumerate(messages) if m.author.role == Role.USER)
-    kept = [m for i, m in enumerate(messages) if not (i < last_user and m.channel == "analysis")]
-    oracle = ENC.render_conversation_for_training(Conversation.from_messages(kept),
-                                                  RenderConversationConfig(auto_drop_analysis=False))
-    assert got[-1].input_ids == oracle
-    return got
 
 
 def test_messages_thinking_system_developer_and_effort():

@@ -15,21 +15,14 @@ from collections import Counter
 import pytest
 
 pytest.importorskip("openai_harmony")
-from harmony_oracle import ENC, assistant, call, developer, result, system, user  # noqa: E402
-from openai_harmony import (  # noqa: E402
-    Conversation,
-    DeveloperContent,
-    ReasoningEffort,
-    RenderConversationConfig,
-    RenderOptions,
-    Role,
-)
+from harmony_oracle import (ENC, assert_pair, assistant, call, developer, oracle_prompt, result,  # noqa: E402
+                            system, user)
+from openai_harmony import Conversation, ReasoningEffort, Role  # noqa: E402
 
 from data import (  # noqa: E402
     PAIR_FORMATS,
     PROMPT_FORMATS,
     DataError,
-    PreferencePair,
     PromptRow,
     load_examples,
     load_pairs,
@@ -40,7 +33,6 @@ from data import (  # noqa: E402
 )
 from data.formats import FORMATS, detect_format  # noqa: E402
 
-KEEP_ANALYSIS = RenderConversationConfig(auto_drop_analysis=False)
 WEATHER = {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}
 
 
@@ -54,62 +46,6 @@ WEATHER = {"type": "object", "properties": {"city": {"type": "string"}}, "requir
 
 
 
-def _with_system(prompt):
-    return prompt if prompt[0].author.role == Role.SYSTEM else [system(), *prompt]
-
-
-def _drop_earlier_analysis(msgs):
-    """Analysis of turns that ended (a final, or an assistant message a user answers) is removed."""
-    ends = [i for i, m in enumerate(msgs) if m.author.role == Role.ASSISTANT and (
-        m.channel == "final" or (i + 1 < len(msgs) and msgs[i + 1].author.role in (Role.USER, Role.SYSTEM,
-                                                                                      Role.DEVELOPER)))]
-    prev = ends[-1] if ends else -1
-    return [m for i, m in enumerate(msgs) if not (i <= prev and m.channel == "analysis")]
-
-
-def oracle_prompt(prompt):
-    kept = _drop_earlier_analysis(_with_system(prompt))
-    return ENC.render_conversation_for_completion(Conversation.from_messages(kept), Role.ASSISTANT, KEEP_ANALYSIS)
-
-
-def oracle_side(prompt, completion, loss_on="last_turn"):
-    """(ids, mask) of prompt + completion: the oracle's training render, trained = completion's generated tokens."""
-    prompt = _drop_earlier_analysis(_with_system(prompt))
-    ids = ENC.render_conversation_for_training(Conversation.from_messages(prompt + completion), KEEP_ANALYSIS)
-    has_fn = any(isinstance(c, DeveloperContent) and c.tools and c.tools.get("functions")
-                 for m in prompt for c in m.content)
-    mask = []
-    for m in prompt:
-        mask += [0] * len(ENC.render(m, RenderOptions(conversation_has_function_tools=bool(has_fn))))
-    for j, m in enumerate(completion):
-        n = len(ENC.render(m, RenderOptions(conversation_has_function_tools=bool(has_fn))))
-        if m.author.role != Role.ASSISTANT or (loss_on == "final_only" and m.channel != "final"):
-            mask += [0] * n
-            continue
-        before = completion[j - 1] if j else None
-        continues = before is not None and before.author.role == Role.ASSISTANT and before.recipient is None
-        head = 0 if continues else 2  # <|start|>assistant: the harness's, unless the model wrote it after <|end|>
-        mask += [0] * head + [1] * (n - head)
-    assert len(mask) == len(ids)
-    return ids, mask
-
-
-def assert_pair(pair, prompt, chosen, rejected, loss_on="last_turn"):
-    assert isinstance(pair, PreferencePair)
-    for example, completion in ((pair.chosen, chosen), (pair.rejected, rejected)):
-        ids, mask = oracle_side(prompt, completion, loss_on)
-        assert example.input_ids == ids, ENC.decode_utf8(example.input_ids)
-        assert example.loss_mask == mask, ENC.decode_utf8(example.input_ids)
-        assert example.row == pair.row
-    # both sides start with the prompt the model reads before it answers, and nothing of it trains
-    p = oracle_prompt(prompt)
-    assert p[-2:] == [200006, ENC.encode("assistant")[0]]
-    for e in (pair.chosen, pair.rejected):
-        assert e.input_ids[:len(p)] == p and not any(e.loss_mask[:len(p)])
-    if loss_on == "last_turn":
-        assert pair.chosen.loss_mask.index(1) == pair.rejected.loss_mask.index(1) == len(p)
-
-
 def write_jsonl(path, rows):
     path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows))
     return path
@@ -118,7 +54,7 @@ def write_jsonl(path, rows):
 # --- pairs ---
 
 def test_constants_and_formats_are_separate():
-    assert PAIR_FORMATS == ("preference",) and PROMPT_FORMATS == ("prompts",)
+    assert PAIR_FORMATS[0] == "preference" and PROMPT_FORMATS[0] == "prompts"  # then dataset mappings
     assert not set(FORMATS) & {"preference", "prompts"}
 
 
