@@ -125,20 +125,28 @@ def test_fit_offloads_the_fewest_layers():
     assert planlib.fit(2, "gpt-oss-20b") is None  # the dense weights alone are more
 
 
-@pytest.mark.parametrize("name, budget", [("gpt-oss-20b-lora", 14), ("gpt-oss-120b-lora", 75)])
-def test_shipped_recipes_fit_their_gpu(name, budget):
+RECIPE = ROOT / "recipes" / "multilingual-thinking.yaml"
+ON_120B = f"hardware={ROOT / 'configs' / 'gpt-oss-120b.yaml'}"
+
+
+def recipe_on(hardware_overrides):
+    return cfglib.load(RECIPE, hardware_overrides, check_paths=False)
+
+
+@pytest.mark.parametrize("overrides, budget", [([], 14), ([ON_120B], 75)])
+def test_shipped_recipes_fit_their_gpu(overrides, budget):
     """The design goal (issue 7): 20b LoRA in 14 GiB, 120b LoRA in 75 GiB (one 80 GB GPU), at sequence
-    2048 and batch 1, as the shipped recipes run."""
-    path = ROOT / "configs" / f"{name}.yaml"
-    kw = planlib.config_kwargs(str(path))
+    2048 and batch 1, as the shipped recipe runs on the 20b and 120b hardware files."""
+    path = recipe_on(overrides)
+    kw = planlib.config_kwargs(path)
     assert kw["seq_len"] == 2048 and kw["batch_size"] == 1 and kw["method"] == "lora"
     assert kw["offload_experts"] == "auto" and kw["gradient_checkpointing"]
-    n = planlib.auto_offload(str(path), budget)  # what the trainer offloads on a GPU of `budget` GiB
+    n = planlib.auto_offload(path, budget)  # what the trainer offloads on a GPU of `budget` GiB
     kw.pop("offload_experts")
     assert 0 < n < planlib.load_config(kw["model"]).num_hidden_layers  # some layers, not all
     assert planlib.plan(**kw, offload_experts=n).peak_bytes <= budget * 2**30
     assert planlib.plan(**kw, offload_experts=n - 1).peak_bytes > budget * 2**30
-    assert planlib.auto_offload(str(path), 200) == 0  # a GPU large enough offloads nothing
+    assert planlib.auto_offload(path, 200) == 0  # a GPU large enough offloads nothing
 
 
 def test_lora_targets_decide_the_trainable_terms():
@@ -160,7 +168,7 @@ def test_lora_targets_decide_the_trainable_terms():
 
 def test_attention_only_recipe_offloads_no_experts():
     """Without expert adapters the 120b recipe fits one 80 GB GPU with every expert on it."""
-    cfg = cfglib.load(ROOT / "configs" / "gpt-oss-120b-lora.yaml", ["lora.targets=[attention]"])
+    cfg = cfglib.load(RECIPE, [ON_120B, "lora.targets=[attention]"], check_paths=False)
     kw = planlib.config_kwargs(cfg)
     assert kw["lora_targets"] == ("attention",)
     kw.pop("offload_experts")
@@ -201,10 +209,10 @@ def test_cli_json_and_table(capsys):
     assert cli(["plan"]) == 2  # neither a model nor a config: an error line, not a traceback
     assert cli(["plan", "--model", "gpt-oss-20b", "--gpus", "2", "--offload-experts", "3"]) == 2
     assert "one GPU" in capsys.readouterr().err
-    assert cli(["plan", "--config", str(ROOT / "configs" / "gpt-oss-20b-lora.yaml"), "--fit", "14", "--json"]) == 0
+    assert cli(["plan", "--config", str(RECIPE), "--fit", "14", "--json"]) == 0
     out = json.loads(capsys.readouterr().out)
     assert out["model"] == "openai/gpt-oss-20b" and out["offload_experts"] > 0 and out["peak_gib"] <= 14
-    assert cli(["plan", "--config", str(ROOT / "configs" / "gpt-oss-20b-lora.yaml"), "--json"]) == 0
+    assert cli(["plan", "--config", str(RECIPE), "--json"]) == 0
     out = json.loads(capsys.readouterr().out)  # auto without a GPU size: nothing offloaded, and said so
     assert out["offload_experts"] == 0 and any("auto" in note for note in out["notes"])
     assert cli(["plan", "--model", "gpt-oss-20b", "--gradient-checkpointing", "--fit", "14", "--json"]) == 0
@@ -213,16 +221,16 @@ def test_cli_json_and_table(capsys):
 
 def test_cli_plans_a_config_with_overrides(capsys):
     """`gptoss-ft plan --config FILE key=value`: the overrides `gptoss-ft train` would take."""
-    recipe = str(ROOT / "configs" / "gpt-oss-120b-lora.yaml")
+    recipe = str(RECIPE)
     peaks = {}
     for targets in ("[attention, experts]", "[attention]"):
-        assert cli(["plan", "--config", recipe, f"lora.targets={targets}", "--fit", "75", "--json"]) == 0
+        assert cli(["plan", "--config", recipe, ON_120B, f"lora.targets={targets}", "--fit", "75", "--json"]) == 0
         out = json.loads(capsys.readouterr().out)
         peaks[targets] = out["peak_gib"], out["offload_experts"]
     assert peaks["[attention, experts]"][1] > 0 and peaks["[attention]"][1] == 0  # offloaded layers
-    assert cli(["plan", "--config", recipe, "lora.targets=[attention]", "--json"]) == 0
+    assert cli(["plan", "--config", recipe, ON_120B, "lora.targets=[attention]", "--json"]) == 0
     lower = json.loads(capsys.readouterr().out)["peak_gib"]
-    assert cli(["plan", "--config", recipe, "--json"]) == 0
+    assert cli(["plan", "--config", recipe, ON_120B, "--json"]) == 0
     assert lower < json.loads(capsys.readouterr().out)["peak_gib"] - 15  # the expert adapters' 15.8 GiB
     assert cli(["plan", "--model", "gpt-oss-20b", "lora.r=8"]) == 2  # overrides need a config
     assert "--config" in capsys.readouterr().err

@@ -200,3 +200,105 @@ def test_mapping_kind_must_suit_the_loader():
         load_examples(FIXTURES / "gsm8k_train.jsonl", "gsm8k")
     with pytest.raises(DataError, match="format must be one of prompts, gsm8k, got 'xlam'"):
         load_prompts(FIXTURES / "gsm8k_train.jsonl", "xlam")
+
+
+# --- every recipe trains on its fixture: `gptoss-ft train recipes/NAME.yaml` with the hub id overridden ---
+
+RECIPE_DATA = {
+    "multilingual-thinking": ["data.train=tests/fixtures/multilingual_thinking.jsonl"],
+    "xlam-function-calling": ["data.train=tests/fixtures/xlam_function_calling_60k.json"],
+    "openr1-math": ["data.train=tests/fixtures/openr1_math.jsonl"],
+    "ultrafeedback-dpo": ["data.train=tests/fixtures/ultrafeedback_binarized_train_prefs.jsonl", "data.split=train",
+                          "data.eval=tests/fixtures/ultrafeedback_binarized_test_prefs.jsonl", "data.eval_split=train"],
+    "gsm8k-grpo": ["data.train=tests/fixtures/gsm8k_train.jsonl", "data.subset=null", "grpo.num_generations=2",
+                   "grpo.max_new_tokens=8"],
+}
+
+
+def test_every_recipe_has_a_fixture_run():
+    import recipes
+
+    assert sorted(RECIPE_DATA) == sorted(p.stem for p in recipes.paths() if not p.stem.startswith("quickstart"))
+
+
+def small_run(tiny_hf, out, *extra):
+    """Overrides that put a recipe on the tiny test model for two steps (what a CPU smoke run is)."""
+    return [f"model.path={tiny_hf}", "train.max_steps=2", "train.batch_size=2", "train.grad_accum=1",
+            "train.eval_every=2", "train.log_every=1", "data.max_seq_len=512", "lora.r=4", f"output_dir={out}", *extra]
+
+
+@pytest.mark.parametrize("name", sorted(RECIPE_DATA))
+def test_recipe_trains_on_its_fixture(name, tiny_hf, tmp_path, monkeypatch, capsys):
+    from finetune.cli import main
+    from finetune.run import RunDir
+
+    monkeypatch.chdir(ROOT)  # the overrides' relative paths are the user's, from the repository root
+    assert main(["train", f"recipes/{name}.yaml", *small_run(tiny_hf, tmp_path / "run"), *RECIPE_DATA[name]]) == 0
+    run = RunDir(tmp_path / "run")
+    rows = [json.loads(line) for line in run.metrics.read_text().splitlines()]
+    assert [r["step"] for r in rows if "loss" in r] == [1, 2]
+    assert any(k.startswith("eval_") for r in rows for k in r), rows
+    cfg = run.config  # what ran: the recipe over its hardware file, with the overrides
+    assert cfg.model.path == str(tiny_hf) and cfg.model.gradient_checkpointing
+    assert cfg.data.format == {"ultrafeedback-dpo": "preference"}.get(name, cfg.data.format) != "auto"
+    out = capsys.readouterr()
+    if name == "xlam-function-calling":
+        assert "skipped" in out.out + out.err and "no tool call" in out.out + out.err  # counted, not silent
+
+
+# --- a hub dataset in the local datasets cache, read offline through the recipe's own hub id ---
+
+def save_in_hub_cache(cache, repo, config, splits):
+    """Write `splits` ({split: rows}) where `datasets` keeps a downloaded hub dataset: Arrow files and
+    dataset_info.json under CACHE/NAMESPACE___NAME/CONFIG/VERSION/HASH/, which load_dataset(repo,
+    config) reads with HF_DATASETS_OFFLINE=1."""
+    import datasets
+    from datasets.arrow_writer import ArrowWriter
+    from datasets.naming import camelcase_to_snakecase
+
+    namespace, name = repo.split("/")
+    name = camelcase_to_snakecase(name)
+    folder = cache / f"{namespace}___{name}" / config / "0.0.0" / "0123456789abcdef"
+    folder.mkdir(parents=True)
+    infos, features = datasets.SplitDict(), None
+    for split, rows in splits.items():
+        ds = datasets.Dataset.from_list(rows)
+        features = ds.features
+        with ArrowWriter(path=str(folder / f"{name}-{split}.arrow"), features=features) as w:
+            w.write_table(ds.data.table)
+            n, size = w.finalize()
+        infos.add(datasets.SplitInfo(split, num_bytes=size, num_examples=n, dataset_name=name))
+    datasets.DatasetInfo(features=features, config_name=config, dataset_name=name, splits=infos).write_to_directory(str(folder))
+
+
+def test_recipes_read_hub_datasets_from_the_offline_cache(tiny_hf, tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    cache = tmp_path / "hf-datasets"
+    save_in_hub_cache(cache, "openai/gsm8k", "main", {"train": fixture_rows("gsm8k_train.jsonl"),
+                                                      "test": fixture_rows("gsm8k_test.jsonl")})
+    save_in_hub_cache(cache, "HuggingFaceH4/ultrafeedback_binarized", "default", {
+        "train_prefs": fixture_rows("ultrafeedback_binarized_train_prefs.jsonl"),
+        "test_prefs": fixture_rows("ultrafeedback_binarized_test_prefs.jsonl")})
+    env = {**os.environ, "HF_DATASETS_CACHE": str(cache), "HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1"}
+    cli = [sys.executable, "-m", "finetune.cli"]
+    # the recipe exactly as shipped (data.train: openai/gsm8k, subset main), on the tiny model
+    done = subprocess.run([*cli, "train", "recipes/gsm8k-grpo.yaml", *small_run(tiny_hf, tmp_path / "run"),
+                           "grpo.num_generations=2", "grpo.max_new_tokens=8"],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "openai/gsm8k[main/train]: format gsm8k, 4 rows -> 4 prompts" in done.stdout + done.stderr
+    # DPO's splits by name, as the recipe reads them
+    done = subprocess.run([*cli, "render", "HuggingFaceH4/ultrafeedback_binarized", "--split", "test_prefs",
+                           "--format", "preference", "--jsonl"], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 0, done.stderr[-3000:]
+    pairs = [json.loads(line) for line in done.stdout.splitlines()]
+    assert len(pairs) == 2 and "100 °C." in ENC.decode_utf8(pairs[0]["chosen"]["input_ids"])
+    # without the cache, the error says how to work offline
+    done = subprocess.run([*cli, "render", "openai/gsm8k", "--subset", "main", "--format", "gsm8k"], cwd=ROOT,
+                          env={**env, "HF_DATASETS_CACHE": str(tmp_path / "empty")}, capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 2 and "HF_DATASETS_OFFLINE=1" in done.stderr
