@@ -302,3 +302,60 @@ def test_recipes_read_hub_datasets_from_the_offline_cache(tiny_hf, tmp_path):
                           env={**env, "HF_DATASETS_CACHE": str(tmp_path / "empty")}, capture_output=True, text=True,
                           timeout=120)
     assert done.returncode == 2 and "HF_DATASETS_OFFLINE=1" in done.stderr
+
+
+def test_readme_shows_the_table_gptoss_ft_recipes_prints(capsys):
+    from finetune.cli import main
+
+    assert main(["recipes", "--markdown"]) == 0
+    table = capsys.readouterr().out.strip()
+    import recipes
+
+    assert table.count("\n| `") == len(recipes.paths())  # one row per recipe file
+    assert table in (ROOT / "README.md").read_text(), "README's Recipes table is stale: paste `gptoss-ft recipes --markdown`"
+    assert main(["recipes", "--json"]) == 0
+    listed = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    by_name = {r["name"]: r for r in listed}
+    assert by_name["gsm8k-grpo"]["method"] == "grpo (lora)" and by_name["gsm8k-grpo"]["dataset"] == "openai/gsm8k (main)"
+    for r in listed:  # a 120b plan needs more than the 20b one of the same recipe
+        assert 0 < r["planned_gib"]["openai/gpt-oss-20b"] < r["planned_gib"]["openai/gpt-oss-120b"]
+
+
+def test_hardware_files_merge_under_the_recipe(tmp_path):
+    from finetune import config as cfglib
+
+    recipe = ROOT / "recipes" / "gsm8k-grpo.yaml"
+    cfg = cfglib.load(recipe, check_paths=False)
+    assert cfg.model.path == "openai/gpt-oss-20b" and cfg.model.offload_experts == "auto"  # from the hardware file
+    assert cfg.train.grad_accum == 4 and cfg.train.batch_size == 1  # the recipe's own value wins; the file's
+    big = cfglib.load(recipe, [f"hardware={ROOT / 'configs' / 'gpt-oss-120b.yaml'}", "train.grad_accum=2"],
+                      check_paths=False)
+    assert big.model.path == "openai/gpt-oss-120b" and big.train.grad_accum == 2  # command line wins over both
+    # the hardware file's relative paths are its own; a hardware file naming another, or a missing one, is named
+    (tmp_path / "hw").mkdir()
+    (tmp_path / "hw" / "local.yaml").write_text("model: {path: ckpt, experts: mxfp4}\n")
+    (tmp_path / "hw" / "ckpt").mkdir()
+    (tmp_path / "r.yaml").write_text("hardware: hw/local.yaml\ndata: {train: d.jsonl}\noutput_dir: out\n")
+    (tmp_path / "d.jsonl").write_text("{}\n")
+    assert cfglib.load(tmp_path / "r.yaml").model.path == str(tmp_path / "hw" / "ckpt")
+    (tmp_path / "hw" / "loop.yaml").write_text("hardware: local.yaml\n")
+    with pytest.raises(cfglib.ConfigError, match="names no other hardware file"):
+        cfglib.load(tmp_path / "r.yaml", [f"hardware={tmp_path / 'hw' / 'loop.yaml'}"])
+    with pytest.raises(cfglib.ConfigError, match="no such hardware file"):
+        cfglib.load(tmp_path / "r.yaml", ["hardware=configs/nope.yaml"])
+
+
+def test_render_shows_what_a_mapped_row_becomes(capsys):
+    from finetune.cli import main
+
+    assert main(["render", str(FIXTURES / "xlam_function_calling_60k.json"), "--format", "xlam", "--jsonl"]) == 2
+    assert "item 4: 'answers' is empty" in capsys.readouterr().err  # the usual named error
+    assert main(["render", str(FIXTURES / "xlam_function_calling_60k.json"), "--format", "xlam", "--on-error", "skip",
+                 "--jsonl"]) == 0
+    out = capsys.readouterr()
+    examples = [json.loads(line) for line in out.out.splitlines()]
+    assert examples == [{"input_ids": e.input_ids, "loss_mask": e.loss_mask}
+                        for e in load_examples(FIXTURES / "xlam_function_calling_60k.json", "xlam", on_error="skip")[0]]
+    assert main(["render", str(FIXTURES / "gsm8k_train.jsonl"), "--format", "gsm8k", "--limit", "1"]) == 0
+    shown = capsys.readouterr().out
+    assert "Natalia sold clips" in shown and "72" in shown  # the prompt, and the answer column for the reward
