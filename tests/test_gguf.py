@@ -5,7 +5,6 @@ Loading the file in llama.cpp itself is scripts/check_gguf_llamacpp.py (slow, bu
 import numpy as np
 import pytest
 import torch
-import yaml
 
 gguf = pytest.importorskip("gguf")
 
@@ -164,8 +163,9 @@ def test_modelfile_sits_next_to_the_gguf(exported):
 
 def test_run_dir_export_folds_the_lora_in(tmp_path, tiny_hf):
     import model as modellib
+    from finetune.config import from_dict
     from finetune.export import export
-    from finetune.run import save_adapter
+    from finetune.run import RunDir, save_adapter
 
     m = modellib.from_pretrained(tiny_hf, dtype=torch.float32, experts="mxfp4")
     modellib.add_lora(m, r=4, alpha=8, targets=["attention"])
@@ -176,9 +176,9 @@ def test_run_dir_export_folds_the_lora_in(tmp_path, tiny_hf):
                 p.copy_(torch.randn(p.shape, generator=gen) * 0.05)
     run = tmp_path / "run"
     save_adapter(m, run / "adapter", base_model=str(tiny_hf))
-    (run / "config.yaml").write_text(yaml.safe_dump({"model": {"path": str(tiny_hf)}, "method": "lora",
-                                                     "lora": {"r": 4, "alpha": 8, "targets": ["attention"]},
-                                                     "data": {"train": "train.jsonl"}, "output_dir": str(run)}))
+    RunDir(run).start(from_dict({"model": {"path": str(tiny_hf)}, "method": "lora",
+                                 "lora": {"r": 4, "alpha": 8, "targets": ["attention"]},
+                                 "data": {"train": "train.jsonl"}, "output_dir": str(run)}, check_paths=False))
     r = export_gguf(run, tmp_path / "out" / "run.gguf", requant="nearest")
     assert r.experts_copied == 2 * 2 * 8 and r.experts_requantized == 0
     merged = Checkpoint(export(run, "merged", tmp_path / "merged").path)
