@@ -272,6 +272,19 @@ def test_chat_template_declares_random_tool_schemas_as_harmony_does(seed):
         assert enc.encode(text, allowed_special="all") == oracle
 
 
+def test_chat_template_avoids_what_llama_cpps_own_jinja_engine_rejects():
+    """llama-server renders templates with its own C++ engine (common/jinja). Rendered there (built
+    from llama-cpp-python 0.3.36's llama.cpp), the template gave jinja2's text on every case above
+    once two constructs were gone: a negative literal after `else` (a parse error) and a namespace
+    attribute named like a dict method (`ns.values` read the method)."""
+    import re
+
+    assert not re.search(r"\belse\s+-\s*\d", HARMONY_JINJA)
+    for attr in re.findall(r"namespace\(([^)]*)\)", HARMONY_JINJA):
+        names = {a.split("=")[0].strip() for a in attr.split(",")}
+        assert not names & {"items", "keys", "values", "get", "update", "pop", "copy"}, names
+
+
 def test_mxfp4_repacking_is_exact_and_pairs_weight_j_with_j_plus_16():
     gen = torch.Generator().manual_seed(0)
     blocks = torch.randint(0, 256, (3, 5, 2, 16), dtype=torch.uint8, generator=gen)
