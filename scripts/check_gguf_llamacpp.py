@@ -12,9 +12,11 @@ needs llama-cpp-python, a build of llama.cpp; README "Checking a GGUF in llama.c
    o200k's does not (before combining marks: Hindi, Bengali, Tamil, Thai vowel signs); such a text
    counts as explained when llama.cpp's tokens are exactly o200k's encodings of the pieces it cut
    and every extra cut is at a combining mark. That is llama.cpp's behaviour, not the file's.
-3. Chat template: the file's template is gptoss-ft's, and rendered by llama-cpp-python's own Jinja
-   formatter and tokenized by llama.cpp it gives the tokens gptoss-ft prompts with, for
-   conversations with tools, instructions, a tool call and its result, at each reasoning effort.
+3. Chat template: the file's template is gptoss-ft's, and rendered by llama-cpp-python's Jinja
+   formatter (Python jinja2) and tokenized by llama.cpp it gives the tokens gptoss-ft prompts with,
+   for conversations with tools, instructions, a tool call and its result, at each reasoning effort.
+   With --jinja-render BIN (scripts/llamacpp_jinja_render.cpp built against llama.cpp's sources),
+   also rendered by llama.cpp's own C++ engine, the one `llama-server --jinja` runs.
 4. Logits and greedy tokens on Harmony prompts longer than the tiny model's sliding window: the
    relative logit error per position (max |llama.cpp - ours| / max |ours|), and greedy
    continuations token by token. A position off by more than --tol is explained when our router
@@ -196,6 +198,8 @@ def main() -> int:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--tol", type=float, default=2e-2, help="relative logit error a position may have")
     ap.add_argument("--tie", type=float, default=1e-2, help="router near-tie: 4th-5th margin / logit range")
+    ap.add_argument("--jinja-render", default=None, metavar="BIN",
+                    help="scripts/llamacpp_jinja_render.cpp built: also render the template with llama.cpp's C++ engine")
     args = ap.parse_args()
     try:
         import llama_cpp
@@ -224,7 +228,7 @@ def _check(args, llama_cpp, work: Path) -> int:
                           verbose=False, seed=args.seed)
     try:
         ok = _tokenizer(llm)
-        ok &= _template(llm, HARMONY_JINJA)
+        ok &= _template(llm, HARMONY_JINJA, args.jinja_render, work)
         ok &= _logits(llm, ours, args)
     finally:
         llm.close()
@@ -285,7 +289,10 @@ def _tokenizer(llm) -> bool:
     return ok
 
 
-def _template(llm, harmony_jinja: str) -> bool:
+def _template(llm, harmony_jinja: str, jinja_render: str | None, work: Path) -> bool:
+    import json
+    import subprocess
+
     from llama_cpp.llama_chat_format import Jinja2ChatFormatter
 
     from data.formats import prompt_conversation
@@ -295,20 +302,36 @@ def _template(llm, harmony_jinja: str) -> bool:
     ok = _report("chat template in the file", template == harmony_jinja, "gptoss-ft's Harmony template"
                  if template == harmony_jinja else "not gptoss-ft's template")
     formatter = Jinja2ChatFormatter(template or "", eos_token="<|return|>", bos_token="<|startoftext|>")
-    agree = 0
-    for messages, tools in TEMPLATE_CASES:
-        for effort in ("low", "medium", "high"):
-            text = formatter(messages=messages, tools=tools or None, reasoning_effort=effort).prompt
-            theirs = llm.tokenize(text.encode(), add_bos=False, special=True)
-            mine = render_for_completion(prompt_conversation({"prompt": messages, "tools": tools}), reasoning_effort=effort)
-            agree += theirs == mine
-            if theirs != mine:
-                ok &= _report(f"template on {messages[-1]['content'][:24]!r} ({effort})", False,
-                              f"llama.cpp {len(theirs)} tokens vs gptoss-ft {len(mine)}")
-    n = len(TEMPLATE_CASES) * 3
-    ok &= _report("chat template rendered by llama-cpp-python, tokenized by llama.cpp", agree == n,
-                  f"{agree}/{n} conversations (tools, instructions, a call and its result; 3 efforts) give "
-                  "gptoss-ft's prompt tokens")
+    (work / "template.jinja").write_text(template or "")
+
+    def cpp_engine(messages, tools, effort) -> str:
+        context = {"messages": messages, "add_generation_prompt": True, "reasoning_effort": effort,
+                   **({"tools": tools} if tools else {})}
+        (work / "context.json").write_text(json.dumps(context))
+        out = subprocess.run([jinja_render, str(work / "template.jinja"), str(work / "context.json")],
+                             capture_output=True, text=True)
+        return out.stdout if out.returncode == 0 else f"error: {out.stderr.strip()[-300:]}"
+
+    engines = [("llama-cpp-python's Jinja formatter",
+                lambda m, t, e: formatter(messages=m, tools=t or None, reasoning_effort=e).prompt)]
+    if jinja_render:
+        engines.append(("llama.cpp's own Jinja engine", cpp_engine))
+    for engine, render in engines:
+        agree = 0
+        for messages, tools in TEMPLATE_CASES:
+            for effort in ("low", "medium", "high"):
+                text = render(messages, tools, effort)
+                theirs = llm.tokenize(text.encode(), add_bos=False, special=True)
+                mine = render_for_completion(prompt_conversation({"prompt": messages, "tools": tools}),
+                                             reasoning_effort=effort)
+                agree += theirs == mine
+                if theirs != mine:
+                    ok &= _report(f"template in {engine} on {messages[-1]['content'][:24]!r} ({effort})", False,
+                                  f"llama.cpp {len(theirs)} tokens vs gptoss-ft {len(mine)}: {text[:200]!r}")
+        n = len(TEMPLATE_CASES) * 3
+        ok &= _report(f"chat template rendered by {engine}, tokenized by llama.cpp", agree == n,
+                      f"{agree}/{n} conversations (tools, instructions, a call and its result; 3 efforts) give "
+                      "gptoss-ft's prompt tokens")
     return ok
 
 
