@@ -52,7 +52,8 @@ def _refuse_a_lone_process() -> None:
     for more), with MASTER_ADDR set for the N it was asked for and no WORLD_SIZE: each launch of it
     would train alone."""
     launched_for_many = "ACCELERATE_USE_CPU" in os.environ and "MASTER_ADDR" in os.environ
-    started_alone = not any(k in os.environ for k in ("WORLD_SIZE", "PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "MV2_COMM_WORLD_SIZE"))
+    started_alone = not any(k in os.environ
+                            for k in ("WORLD_SIZE", "PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "MV2_COMM_WORLD_SIZE"))
     if launched_for_many and started_alone:
         raise LaunchError(
             "accelerate launch --cpu was asked for several processes (it set MASTER_ADDR) but started this one "
@@ -104,8 +105,8 @@ def accelerator(*, mixed_precision: str) -> Accelerator:
 
 
 def is_sharded(acc: Accelerator) -> bool:
-    """FSDP2: every forward all-gathers weights, so every process must run the same forwards."""
-    return acc.distributed_type == DistributedType.FSDP
+    """FSDP2 or ZeRO-3: every forward gathers weights, so every process must run the same forwards."""
+    return acc.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED)
 
 
 def describe(acc: Accelerator) -> str:
@@ -132,7 +133,7 @@ def _storages(tensors) -> int:
     one buffer count once)."""
     seen = {}
     for t in tensors:
-        t = t.to_local() if hasattr(t, "to_local") else t
+        t = t.to_local() if hasattr(t, "to_local") else getattr(t, "ds_tensor", t)  # FSDP2, ZeRO-3 partitions
         s = t.untyped_storage()
         seen[s.data_ptr()] = s.nbytes()
     return sum(seen.values())
@@ -151,6 +152,7 @@ def held_per_process(model, optimizer, acc: Accelerator) -> list[dict[str, int]]
 
 def held_line(held: list[dict[str, int]]) -> str:
     mib = lambda k: " ".join(f"{h[k] / 2 ** 20:.3f}" for h in held)  # noqa: E731
-    names = {"trainable": "trainable", "gradients": "gradients", "optimizer": "optimizer state", "frozen": "frozen weights"}
+    names = {"trainable": "trainable", "gradients": "gradients", "optimizer": "optimizer state",
+             "frozen": "frozen weights"}
     return (f"held per process (MiB, process 0..{len(held) - 1}): "
             + "; ".join(f"{names[k]} {mib(k)}" for k in HELD))

@@ -233,9 +233,9 @@ def _setup(cfg: cfglib.Config, accelerator: Accelerator, precision: str, *, resu
     """Config written, data loaded, model and optimizer prepared, state restored when resuming."""
     accelerator.print(f"{describe(accelerator)}, device {accelerator.device}, precision {precision}")
     if is_sharded(accelerator) and cfg.objective == "grpo":
-        raise TrainingError("GRPO under FSDP2 is not supported: each process generates until its own completions "
-                            "end, and FSDP2 needs every process to run the same forward passes. Train GRPO with "
-                            "configs/accelerate/ddp.yaml or on one process")
+        raise TrainingError("GRPO with sharded weights (FSDP2, ZeRO-3) is not supported: each process generates "
+                            "until its own completions end, and sharding needs every process to run the same "
+                            "forward passes. Train GRPO with configs/accelerate/ddp.yaml or on one process")
     set_seed(cfg.train.seed)
     rd = RunDir(cfg.output_dir)
     main = accelerator.is_main_process
@@ -266,7 +266,7 @@ def _setup(cfg: cfglib.Config, accelerator: Accelerator, precision: str, *, resu
     optimizer = torch.optim.AdamW(params.values(), lr=t.lr, betas=t.betas, weight_decay=t.weight_decay,
                                   fused=True if accelerator.device.type == "cuda" else None)
     if accelerator.distributed_type.value == "DEEPSPEED":
-        _deepspeed_setup(model, t)
+        _deepspeed_setup(model, t, accelerator)
     model, optimizer = accelerator.prepare(model, optimizer)
     # FSDP2 replaces each parameter by a sharded one (same name): checkpoints use the new ones.
     params = {n: p for n, p in accelerator.unwrap_model(model).named_parameters() if p.requires_grad}
@@ -337,7 +337,8 @@ def _loop(run: _Run) -> None:
         if run.data.eval_rows and t.eval_every and (done % t.eval_every == 0 or done == run.total):
             metrics = evaluate(run.model, run.objective, run.data.eval_rows, acc, t.batch_size)
             run.logger.log({"step": done, **{f"eval_{k}": v for k, v in metrics.items()}})
-        if (t.save_every and done % t.save_every == 0) or done == run.total:
+        due = (t.save_every and done % t.save_every == 0) or done == run.total
+        if due and acc.distributed_type.value != "DEEPSPEED":  # ZeRO's optimizer state: see _deepspeed_setup
             acc.wait_for_everyone()
             save_checkpoint(run.dir.checkpoints, done, trainable=run.params, optimizer=run.optimizer,
                             param_names=names, keep=t.keep_checkpoints, extra={
@@ -393,15 +394,28 @@ def _offload(cfg: cfglib.Config, model, accelerator) -> None:
                           f"the MXFP4 experts of {len(layers)} layer(s) {layers}")
 
 
-def _deepspeed_setup(model, t: cfglib.TrainSection) -> None:
+def _deepspeed_setup(model, t: cfglib.TrainSection, accelerator) -> None:
     """ZeRO-3: each MoE block is one leaf (gathered whole, not hooked per expert, since a batch
-    touches only some experts). Mid-run checkpoints gather optimizer state that ZeRO partitions in
-    its own format; they are supported on one process, DDP and FSDP2 only."""
+    touches only some experts). DeepSpeed is told the train section's micro-batch, accumulation and
+    clipping (it steps inside the last micro-batch's backward, see `_step`). Mid-run checkpoints
+    would need ZeRO's partitioned optimizer state in our format; they are supported on one process,
+    DDP and FSDP2 only."""
     from deepspeed.utils import set_z3_leaf_modules  # optional: only DeepSpeed launches get here
 
     if t.save_every:
         raise TrainingError("train.save_every is not supported with DeepSpeed (use configs/accelerate/fsdp2.yaml "
                             "for resumable sharded runs, or set train.save_every: null)")
+    if t.eval_every:  # seen on 2 CPU processes: one finished its held-out batches, the other waited on a gather
+        raise TrainingError("train.eval_every is not supported with DeepSpeed: ZeRO-3's forward passes over held-out "
+                            "rows hung (the processes stopped gathering the same weights); set train.eval_every: "
+                            "null, or shard with configs/accelerate/fsdp2.yaml")
+    ds = accelerator.state.deepspeed_plugin.deepspeed_config
+    for key, ours in (("train_micro_batch_size_per_gpu", t.batch_size), ("gradient_accumulation_steps", t.grad_accum),
+                      ("gradient_clipping", t.max_grad_norm or 0.0)):
+        if ds.get(key, "auto") not in ("auto", ours):
+            raise TrainingError(f"the DeepSpeed launch file sets {key}: {ds[key]}, the config's train section "
+                                f"{ours}: leave it out of the launch file (the trainer sets it from train.*)")
+        ds[key] = ours
     set_z3_leaf_modules(model, [MLPBlock])
 
 
@@ -420,6 +434,7 @@ def _step(model, micro: list[dict], objective: Objective, accelerator,
     # FSDP2 reduce-scatters every micro-batch's gradients: skipping it (no_sync) would keep each
     # unit's whole gradient until the last micro-batch, the memory sharding is there to save.
     sync_each = is_sharded(accelerator)
+    deepspeed = accelerator.distributed_type.value == "DEEPSPEED"
     for i, b in enumerate(micro):
         last = i == len(micro) - 1
         ctx = accelerator.no_sync(model) if not last and not sync_each else contextlib.nullcontext()
@@ -428,7 +443,13 @@ def _step(model, micro: list[dict], objective: Objective, accelerator,
             loss = total / denom
             if t.aux_loss_coef > 0:
                 loss = loss + t.aux_loss_coef * aux / len(micro)
-            accelerator.backward(loss * accelerator.num_processes)
+            if deepspeed:  # the engine (`model`) divides by grad_accum itself and steps at the last micro-batch
+                model.set_gradient_accumulation_boundary(last)
+                model.backward(loss * accelerator.num_processes * len(micro))
+                if last:
+                    model.step()
+            else:
+                accelerator.backward(loss * accelerator.num_processes)
         stats.append(s)
     max_norm = t.max_grad_norm if t.max_grad_norm is not None else float("inf")
     grad_norm = accelerator.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], max_norm)

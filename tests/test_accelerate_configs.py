@@ -1,7 +1,8 @@
 """The shipped accelerate launch files parse with accelerate and name things that exist in our model.
 
-DDP is run for real (2 CPU processes over gloo) in test_train.py; FSDP2 and DeepSpeed need GPUs, so
-here their settings are checked against what the trainer relies on."""
+Each is also run for real on CPU processes over gloo: DDP in test_train.py, FSDP2 and DeepSpeed
+ZeRO-3 in test_fsdp.py (slow for ZeRO-3). Here: their settings against what the trainer relies on,
+and the ZeRO-3 config as DeepSpeed's own config class reads it."""
 
 from pathlib import Path
 
@@ -52,6 +53,27 @@ def test_deepspeed_zero3_and_the_moe_leaf_exists():
     assert int(cfg.deepspeed_config["zero_stage"]) == 3
     assert cfg.deepspeed_config["zero3_save_16bit_model"] is True  # the full adapter/model at the end
     assert issubclass(modeling.MLPBlock, modeling.nn.Module)
+
+
+def test_deepspeed_accepts_the_zero3_config_the_trainer_completes():
+    """accelerate builds the DeepSpeed config from the launch file; the trainer fills in the micro-batch,
+    accumulation and clipping from train.* (finetune/trainer.py, _deepspeed_setup); accelerate the
+    total batch and bf16. DeepSpeed's DeepSpeedConfig is the judge (it checks batch arithmetic)."""
+    pytest.importorskip("deepspeed")
+    from accelerate.utils import DeepSpeedPlugin
+    from deepspeed.runtime.config import DeepSpeedConfig
+
+    ds = load("deepspeed_zero3.yaml").deepspeed_config
+    assert "gradient_accumulation_steps" not in ds and "gradient_clipping" not in ds  # train.* owns them
+    plugin = DeepSpeedPlugin(**{k: ds[k] for k in ("zero_stage", "zero3_init_flag", "zero3_save_16bit_model",
+                                                   "offload_optimizer_device", "offload_param_device")})
+    cfg = dict(plugin.deepspeed_config, train_micro_batch_size_per_gpu=2, gradient_accumulation_steps=4,
+               gradient_clipping=1.0, train_batch_size=2 * 4, bf16={"enabled": True})
+    parsed = DeepSpeedConfig(cfg)
+    assert parsed.zero_optimization_stage == 3 and parsed.gradient_accumulation_steps == 4
+    assert parsed.zero_config.gather_16bit_weights_on_model_save  # the whole adapter/model at the end
+    with pytest.raises(AssertionError, match="train_batch_size"):
+        DeepSpeedConfig(dict(cfg, train_batch_size=7))
 
 
 @pytest.mark.parametrize("name", ["ddp.yaml", "fsdp2.yaml", "deepspeed_zero3.yaml"])
