@@ -9,6 +9,7 @@ import json
 import os
 import sys
 from collections.abc import Callable
+from pathlib import Path
 
 from data import DataError
 from data.formats import FORMATS as DATA_FORMATS
@@ -217,11 +218,15 @@ def recipe_summary(path) -> dict:
 
     cfg = cfglib.load(path, check_paths=False)  # a listing reads no data and no model
     d = cfg.data
+    root = path.resolve().parent.parent  # the repository: local data is shown relative to it
+    train = os.path.relpath(d.train, root) if Path(d.train).is_absolute() and Path(d.train).is_relative_to(root) else d.train
+    # A recipe on a random model built on the spot (init_preset: the quickstarts) is not planned at full size.
+    planned = None if cfg.model.init_preset else {
+        m: round(plan_run(config=cfg, model=m).peak_bytes / 2**30, 1) for m in PLANNED_MODELS}
     return {"name": path.stem, "path": str(path), "method": cfg.method if cfg.method in TRAINABLE else
             f"{cfg.method} ({cfg.tuning})", "learns": cfg.description,
-            "dataset": d.train + (f" ({d.subset})" if d.subset else "") + (f" [{d.split}]" if d.split != "train" else ""),
-            "hardware": (yaml.safe_load(path.read_text()) or {}).get("hardware"),
-            "planned_gib": {m: round(plan_run(config=cfg, model=m).peak_bytes / 2**30, 1) for m in PLANNED_MODELS}}
+            "dataset": train + (f" ({d.subset})" if d.subset else "") + (f" [{d.split}]" if d.split != "train" else ""),
+            "hardware": (yaml.safe_load(path.read_text()) or {}).get("hardware"), "planned_gib": planned}
 
 
 def _recipes(args: argparse.Namespace) -> int:
@@ -234,9 +239,10 @@ def _recipes(args: argparse.Namespace) -> int:
             print(json.dumps(r))
         return 0
     rows = [(r["name"], r["dataset"], r["method"], r["learns"], os.path.basename(r["hardware"] or "-"),
-             *(f"{r['planned_gib'][m]:.1f}" for m in PLANNED_MODELS)) for r in found]
+             *(f"{r['planned_gib'][m]:.1f}" if r["planned_gib"] else "-" for m in PLANNED_MODELS)) for r in found]
     note = ("GiB: planned peak memory per GPU with the recipe's hardware file and the model swapped, no "
-            "experts offloaded (`gptoss-ft plan --config recipes/NAME.yaml --fit GIB` fits a smaller GPU).")
+            "experts offloaded (`gptoss-ft plan --config recipes/NAME.yaml --fit GIB` fits a smaller GPU); "
+            "the quickstarts run a tiny random model on CPU.")
     if args.markdown:
         print("| " + " | ".join(RECIPE_COLUMNS) + " |")
         print("|" + "|".join("---:" if c.endswith("GiB") else "---" for c in RECIPE_COLUMNS) + "|")

@@ -116,7 +116,7 @@ def test_inputs_resolve_against_the_config_file_outputs_and_overrides_against_th
 @pytest.mark.parametrize("name", ["quickstart.yaml", "quickstart-dpo.yaml", "quickstart-grpo.yaml"])
 def test_shipped_quickstart_configs_mean_the_same_from_any_directory(name, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    cfg = cfglib.load(ROOT / "configs" / name, check_paths=False)  # grpo's adapter exists after the quickstart
+    cfg = cfglib.load(ROOT / "recipes" / name, check_paths=False)  # grpo's adapter exists after the quickstart
     assert cfg.model.path == str(ROOT / "runs" / "tiny-base")
     for path in (cfg.data.train, cfg.data.eval, cfg.evaluate.generate):
         assert path is None or Path(path).is_file(), path

@@ -81,8 +81,9 @@ def test_reward_loading_and_checks_name_the_function(tmp_path):
 
 
 def _config(tmp_path, base, rewards, **over) -> cfglib.Config:
-    """configs/quickstart-grpo.yaml (the README's GRPO example) on the test's checkpoint, short."""
-    d = yaml.safe_load((ROOT / "configs" / "quickstart-grpo.yaml").read_text())
+    """recipes/quickstart-grpo.yaml (the README's GRPO example) on the test's checkpoint, short."""
+    d = yaml.safe_load((ROOT / "recipes" / "quickstart-grpo.yaml").read_text())
+    d.pop("hardware")  # the test's checkpoint replaces the tiny-cpu hardware file
     d["model"] = {"path": str(base)}  # fresh adapters: the rewards below vary even for a random model
     d["data"].update(train=str(PROMPTS[0]), eval=str(PROMPTS[1]))
     d["grpo"].update(rewards=rewards, num_generations=4, max_new_tokens=8, log_rollouts=2)
@@ -177,7 +178,8 @@ def test_grpo_raises_greedy_accuracy_of_a_weak_sft_adapter(tmp_path, tiny_hf):
         answers = [p["answer"] for p in prompts for _ in range(samples)]
         return sum(Completion.from_tokens(o) == a for o, a in zip(outs, answers)) / len(outs)
 
-    sft = yaml.safe_load((ROOT / "configs" / "quickstart.yaml").read_text())
+    sft = yaml.safe_load((ROOT / "recipes" / "quickstart.yaml").read_text())
+    sft.pop("hardware")  # the test's checkpoint replaces the tiny-cpu hardware file
     sft["model"] = {"path": str(tiny_hf)}
     sft["train"].update(max_steps=80, save_every=None, eval_every=None)
     sft["lora"].update(r=8, alpha=16)
@@ -189,7 +191,8 @@ def test_grpo_raises_greedy_accuracy_of_a_weak_sft_adapter(tmp_path, tiny_hf):
 
     (tmp_path / "my_rewards.py").write_text("def right_sound(completions, prompts, answer, **_):\n"
                                            "    return [float(c.strip() == a) for c, a in zip(completions, answer)]\n")
-    g = yaml.safe_load((ROOT / "configs" / "quickstart-grpo.yaml").read_text())
+    g = yaml.safe_load((ROOT / "recipes" / "quickstart-grpo.yaml").read_text())
+    g.pop("hardware")  # the test's checkpoint replaces the tiny-cpu hardware file
     g["model"] = {"path": str(tiny_hf), "adapter": str(sft_run.adapter)}
     g["data"].update(train=str(PROMPTS[0]), eval=None)
     g["grpo"]["rewards"] = [f"{tmp_path / 'my_rewards.py'}:right_sound"]

@@ -318,7 +318,11 @@ def test_readme_shows_the_table_gptoss_ft_recipes_prints(capsys):
     by_name = {r["name"]: r for r in listed}
     assert by_name["gsm8k-grpo"]["method"] == "grpo (lora)" and by_name["gsm8k-grpo"]["dataset"] == "openai/gsm8k (main)"
     for r in listed:  # a 120b plan needs more than the 20b one of the same recipe
-        assert 0 < r["planned_gib"]["openai/gpt-oss-20b"] < r["planned_gib"]["openai/gpt-oss-120b"]
+        if r["name"].startswith("quickstart"):
+            assert r["planned_gib"] is None and r["hardware"] == "../configs/tiny-cpu.yaml"
+            assert r["dataset"].startswith("recipes/data/quickstart_")  # shown relative to the repository
+        else:
+            assert 0 < r["planned_gib"]["openai/gpt-oss-20b"] < r["planned_gib"]["openai/gpt-oss-120b"]
 
 
 def test_hardware_files_merge_under_the_recipe(tmp_path):
