@@ -102,6 +102,15 @@ class DataSection:
     the same for train and eval."""
     eval_split: str = "train"
     """Split of `eval` to read when it is a hub dataset (e.g. test_prefs); local files have only train."""
+    num_proc: int | None = None
+    """Processes that render the rows (SFT data); default: every core. The tokens do not depend on it."""
+    cache: bool = True
+    """SFT data: keep the rendered token ids and loss masks (.npy arrays) in cache_dir, keyed by the data
+    files (path, size, mtime) or hub dataset fingerprint and every data option that changes the tokens,
+    so a second run, a resumed run and the other processes of a multi-process run read them instead of
+    rendering again (one process renders, the others wait)."""
+    cache_dir: str | None = None
+    """Where the cache lives; default $GPTOSS_FT_CACHE/data, else ~/.cache/gptoss-ft/data."""
 
 
 @dataclass(frozen=True)
