@@ -218,7 +218,9 @@ def _export_args(p: argparse.ArgumentParser) -> None:
                         "gguf: the mxfp4 model as one GGUF file for llama.cpp/Ollama/LM Studio, Modelfile beside it")
     p.add_argument("--out", required=True,
                    help="directory to write (replaced atomically if it exists); gguf: a FILE.gguf")
-    p.add_argument("--base", default=None, help="base model path (default: the run's model.path)")
+    p.add_argument("--base", default=None,
+                   help="the run's base checkpoint when it is not where the run recorded it (a moved or copied "
+                        "run); it must be the same model: its fingerprint is checked")
     p.add_argument("--layout", choices=LAYOUTS, default="hf",
                    help="original: OpenAI's layout (mxfp4 only)")
     p.add_argument("--requant", choices=REQUANT, default="gptq",
@@ -285,6 +287,8 @@ def _plan(args: argparse.Namespace) -> int:
 def _chat_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("model", help="a run directory, or a checkpoint directory / hub id")
     p.add_argument("--adapter", default=None, help="a PEFT adapter directory to put on the model")
+    p.add_argument("--base", default=None,
+                   help="a LoRA run's base checkpoint when it is not where the run recorded it; its fingerprint is checked")
     p.add_argument("--reasoning", choices=REASONING_EFFORTS, default="medium", help="reasoning effort")
     p.add_argument("--prompt", default=None, help="answer this one message and exit (default: interactive)")
     p.add_argument("--system", default=None,
@@ -300,7 +304,7 @@ def _chat(args: argparse.Namespace) -> int:
 
     from .generate import chat_prompt, generate, load_for_inference, parse_completion
 
-    model = load_for_inference(args.model, adapter=args.adapter)
+    model = load_for_inference(args.model, adapter=args.adapter, base=args.base)
     gen = torch.Generator().manual_seed(args.seed)
     history = [{"role": "system", "content": args.system}] if args.system else []
 

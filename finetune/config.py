@@ -4,6 +4,11 @@ Strict by design: an unknown key is an error that names it and suggests the clos
 value of the wrong type names its key, and missing files are reported before any work starts.
 `key=value` overrides on the command line use dotted keys (`train.lr=1e-4`, `lora.targets=[attention]`);
 values are parsed as YAML. Each field is documented once, here.
+
+Paths (`INPUT_PATHS`, `OUTPUT_PATHS`) become absolute when a config is read, so a run's config.yaml
+says exactly what it read and wrote wherever it is used from: what a run reads resolves against the
+directory of the config file that names it; where it writes (`output_dir`), and anything given as a
+`key=value` override, against the current directory. Hub ids stay hub ids.
 """
 
 from __future__ import annotations
@@ -11,6 +16,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import difflib
+import os
 import types
 import typing
 from dataclasses import dataclass, field
@@ -37,6 +43,16 @@ TRAINABLE = ("lora", "full")
 """What a run trains: LoRA adapters, or every weight."""
 
 
+INPUT_PATHS = ("model.path", "model.adapter", "data.train", "data.eval", "evaluate.generate", "grpo.rewards")
+"""Keys naming what a run reads. A relative value in a config file resolves against that file's
+directory; one given as a key=value override, or in a config built in code, against the current
+directory. A value that is not there and looks like a hub id (`org/name`) stays a hub id
+(model.path with init_preset is always a local path). grpo.rewards: the `FILE.py:function` entries."""
+OUTPUT_PATHS = ("output_dir",)
+"""Keys naming where a run writes: a relative value resolves against the current directory (the run
+lands where you start it, as `runs/NAME` in the shipped configs)."""
+
+
 class ConfigError(ValueError):
     """A training config that cannot run; the message names the key (and file)."""
 
@@ -45,6 +61,9 @@ class ConfigError(ValueError):
 class ModelSection:
     path: str
     """HF-format directory (MXFP4 or bf16), original-format directory, or hub id."""
+    revision: str | None = None
+    """When `path` is a hub id: the commit, branch or tag to use (default: the newest). A run's
+    config.yaml records the commit it trained on."""
     experts: Literal[EXPERT_FORMATS] = "mxfp4"
     """mxfp4: experts stay frozen in MXFP4 and are decoded on the fly (LoRA only); dequantized: dense experts."""
     dtype: Literal["auto", "float32", "bfloat16"] = "auto"
@@ -383,6 +402,54 @@ def _looks_local(path: str) -> bool:
     return path.startswith((".", "/", "~")) or path.count("/") != 1 or Path(path).suffix != ""
 
 
+def resolve_paths(d: dict[str, Any], relative_to: Path, *, only: str | None = None, check: bool = True) -> None:
+    """Make the relative local paths of plain config data `d` absolute, in place (module docstring):
+    inputs against `relative_to`, outputs against the current directory. `only`: just the path keys
+    at or under this dotted key (an override's). `check`: a missing input that exists relative to the
+    current directory instead is an error that says how to write it."""
+    cwd = Path.cwd()
+    for key in (*INPUT_PATHS, *OUTPUT_PATHS):
+        if only is not None and key != only and not key.startswith(only + "."):
+            continue
+        *parents, leaf = key.split(".")
+        node = d
+        for part in parents:
+            node = node.get(part) if isinstance(node, dict) else None
+        value = node.get(leaf) if isinstance(node, dict) else None
+        if key == "grpo.rewards" and isinstance(value, list):  # the "FILE.py:function" entries
+            node[leaf] = [_reward_path(r, relative_to) if isinstance(r, str) else r for r in value]
+        elif not isinstance(value, str):
+            continue  # absent, or of a type _build reports
+        elif key in OUTPUT_PATHS:
+            node[leaf] = os.path.abspath(Path(value).expanduser())
+        elif key == "grpo.rewards":
+            node[leaf] = _reward_path(value, relative_to)
+        else:
+            local = key == "model.path" and node.get("init_preset") is not None
+            node[leaf] = _input_path(key, value, relative_to, local=local, check=check and relative_to != cwd)
+
+
+def _input_path(key: str, value: str, relative_to: Path, *, local: bool, check: bool) -> str:
+    path = Path(value).expanduser()
+    if path.is_absolute():
+        return os.path.normpath(path)
+    there = relative_to / path
+    if check and not local and not there.exists() and path.exists():
+        raise ConfigError(f"{key}: {value!r} is not in the config file's directory {relative_to}/, which paths in "
+                          f"a config resolve against, but is in the current directory; write it relative to the "
+                          f"config file (or absolute), or pass {key}={value} on the command line")
+    if not (local or there.exists() or _looks_local(value)):
+        return value  # a hub id
+    return os.path.abspath(there)
+
+
+def _reward_path(spec: str, relative_to: Path) -> str:
+    module, sep, fn = spec.rpartition(":")
+    if not sep or not module.endswith(".py") or Path(module).expanduser().is_absolute():
+        return spec
+    return f"{os.path.abspath(relative_to / Path(module).expanduser())}:{fn}"
+
+
 def check(cfg: Config, *, paths: bool = True) -> None:
     """What can be known before any work starts: impossible combinations and (with `paths`) missing inputs."""
     check_combinations(cfg)
@@ -398,6 +465,8 @@ def check_combinations(cfg: Config) -> None:
             "full fine-tuning trains the experts, which frozen MXFP4 experts cannot be; "
             "set model.experts: dequantized (or train LoRA adapters)"
         )
+    if cfg.model.revision is not None and Path(cfg.model.path).is_absolute():
+        raise ConfigError(f"model.revision applies to hub ids; model.path {cfg.model.path!r} is a local directory")
     if cfg.tuning == "full" and cfg.model.adapter:
         raise ConfigError("model.adapter starts LoRA training from an adapter; it needs trainable: lora")
     if cfg.method == "grpo":
@@ -466,17 +535,26 @@ def check_paths(cfg: Config) -> None:
         raise ConfigError(f"model.adapter: {cfg.model.adapter!r} is not an adapter directory (no adapter_config.json)")
 
 
-def from_dict(d: dict[str, Any], overrides: list[str] = (), *, check_paths: bool = True) -> Config:
+def from_dict(d: dict[str, Any], overrides: list[str] = (), *, check_paths: bool = True,
+              relative_to: str | Path | None = ".") -> Config:
+    """A config from plain data and dotted overrides, validated. relative_to: the directory the
+    relative input paths of `d` resolve against (a config file's; default: the current directory);
+    None leaves `d`'s paths as they are (a run's recorded config). Overrides resolve against the
+    current directory."""
     d = copy.deepcopy(d)
+    if relative_to is not None:
+        resolve_paths(d, Path(os.path.abspath(relative_to)), check=check_paths)
     for o in overrides:
         apply_override(d, o)
+        resolve_paths(d, Path.cwd(), only=o.split("=", 1)[0].strip(), check=False)
     cfg = _build(Config, d)
     check(cfg, paths=check_paths)
     return cfg
 
 
 def load(path: str | Path, overrides: list[str] = (), *, check_paths: bool = True) -> Config:
-    """Read a YAML config, apply dotted overrides, validate. Errors name the file and the key."""
+    """Read a YAML config, apply dotted overrides, validate. Errors name the file and the key.
+    Relative input paths in the file resolve against the file's directory (module docstring)."""
     path = Path(path)
     try:
         d = yaml.safe_load(path.read_text())
@@ -487,7 +565,7 @@ def load(path: str | Path, overrides: list[str] = (), *, check_paths: bool = Tru
     if not isinstance(d, dict):
         raise ConfigError(f"{path}: expected a mapping of config sections at the top level")
     try:
-        return from_dict(d, overrides, check_paths=check_paths)
+        return from_dict(d, overrides, check_paths=check_paths, relative_to=path.parent)
     except ConfigError as e:
         raise ConfigError(f"{path}: {e}") from None
 

@@ -22,7 +22,7 @@ import model as modellib
 from data.tokenizer import CALL, CHANNEL, END, MESSAGE, RETURN, START, get_tokenizer
 from model import KVCache
 
-from .run import RunDir, attach_adapter
+from .run import RunDir, RunError, attach_adapter
 
 STOP_IDS = (RETURN, CALL)
 
@@ -197,10 +197,12 @@ def _parse_header(text: str) -> HarmonyMessage:
 
 # -- loading ---------------------------------------------------------------------------------------
 
-def load_for_inference(model_or_run: str, *, adapter: str | None = None, dtype: torch.dtype | None = None,
-                       device: str | None = None):
+def load_for_inference(model_or_run: str, *, adapter: str | None = None, base: str | None = None,
+                       dtype: torch.dtype | None = None, device: str | None = None):
     """A model ready to generate: a run directory (its base + adapter/, or its model/), or a checkpoint
-    directory / hub id with an optional PEFT adapter directory. Experts stay MXFP4 when stored so."""
+    directory / hub id with an optional PEFT adapter directory. Experts stay MXFP4 when stored so.
+    base: a LoRA run's base when it is not where the run recorded it; either way its fingerprint
+    must be the run's (`RunDir.base`)."""
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = dtype or (torch.bfloat16 if device != "cpu" else torch.float32)
     path = model_or_run
@@ -208,10 +210,14 @@ def load_for_inference(model_or_run: str, *, adapter: str | None = None, dtype: 
         run = RunDir(model_or_run)
         weights = run.trained_weights()
         if run.config.tuning == "full":
+            if base is not None:
+                raise RunError(f"{run.path} is a full fine-tuning run: its model/ is the whole model, no base is read")
             path = weights
         else:
             adapter = adapter or weights
-            path = run.config.model.path
+            path = run.base(base)
+    elif base is not None:
+        raise RunError(f"--base applies to a run directory; {model_or_run} is a checkpoint")
     m = modellib.from_pretrained(str(path), dtype=dtype, experts="mxfp4", device=device)
     if adapter is not None:
         attach_adapter(m, adapter)

@@ -230,54 +230,240 @@ def vocab(vocab_size: int) -> tuple[list[str], list[int], list[str]]:
 
 # -- chat templates ---------------------------------------------------------------------------------
 
-# Harmony as a Jinja chat template (llama.cpp, LM Studio), written for gptoss-ft and used when the
-# base checkpoint ships none. It renders exactly what `finetune.generate.chat_prompt` renders for
-# system/user/assistant conversations (tests/test_gguf.py checks it): the default system message
-# (`reasoning_effort` variable, default medium), a `system` or `developer` row as developer
-# `# Instructions`, earlier assistant turns' final text only, the current turn's reasoning kept, and
-# tool calls / results as Harmony writes them. Tool declarations are rendered in a simplified form
-# (JSON parameter schemas); a base that ships OpenAI's template gets that one instead.
-HARMONY_JINJA = (
-    "{%- set ns = namespace(last_user=-1, tool='') -%}"
-    "{%- for m in messages -%}{%- if m.role == 'user' -%}{%- set ns.last_user = loop.index0 -%}{%- endif -%}{%- endfor -%}"
-    "{{- '<|start|>system<|message|>You are ChatGPT, a large language model trained by OpenAI.\\n"
-    "Knowledge cutoff: 2024-06\\n\\nReasoning: ' + (reasoning_effort | default('medium')) + '\\n\\n"
-    "# Valid channels: analysis, commentary, final. Channel must be included for every message.' -}}"
-    "{%- if tools -%}{{- \"\\nCalls to these tools must go to the commentary channel: 'functions'.\" -}}{%- endif -%}"
-    "{{- '<|end|>' -}}"
-    "{%- set first = messages[0] if messages else none -%}"
-    "{%- if (first and first.role in ('system', 'developer')) or tools -%}"
-    "{{- '<|start|>developer<|message|>' -}}"
-    "{%- if first and first.role in ('system', 'developer') -%}{{- '# Instructions\\n\\n' + first.content -}}"
-    "{%- if tools -%}{{- '\\n\\n' -}}{%- endif -%}{%- endif -%}"
-    "{%- if tools -%}{{- '# Tools\\n\\n## functions\\n\\nnamespace functions {\\n\\n' -}}"
-    "{%- for t in tools -%}{%- set f = t.function if t.function is defined else t -%}"
-    "{%- if f.description -%}{{- '// ' + f.description + '\\n' -}}{%- endif -%}"
-    "{{- 'type ' + f.name + ' = (' -}}{%- if f.parameters -%}{{- '_: ' + (f.parameters | tojson) -}}{%- endif -%}"
-    "{{- ') => any;\\n\\n' -}}{%- endfor -%}{{- '} // namespace functions' -}}{%- endif -%}"
-    "{{- '<|end|>' -}}{%- endif -%}"
-    "{%- for m in messages -%}"
-    "{%- set current = loop.index0 > ns.last_user -%}"
-    "{%- set thinking = m.thinking if m.thinking is defined and m.thinking else "
-    "(m.reasoning_content if m.reasoning_content is defined and m.reasoning_content else '') -%}"
-    "{%- if m.role == 'user' -%}{{- '<|start|>user<|message|>' + m.content + '<|end|>' -}}"
-    "{%- elif m.role == 'assistant' -%}"
-    "{%- if thinking and (current or (loop.last and not add_generation_prompt)) -%}"
-    "{{- '<|start|>assistant<|channel|>analysis<|message|>' + thinking + '<|end|>' -}}{%- endif -%}"
-    "{%- if m.tool_calls is defined and m.tool_calls -%}"
-    "{%- for c in m.tool_calls -%}{%- set f = c.function if c.function is defined else c -%}"
-    "{%- set ns.tool = f.name -%}"
-    "{{- '<|start|>assistant to=functions.' + f.name + '<|channel|>commentary <|constrain|>json<|message|>' -}}"
-    "{{- (f.arguments if f.arguments is string else (f.arguments | tojson)) + '<|call|>' -}}{%- endfor -%}"
-    "{%- elif m.content -%}"
-    "{{- '<|start|>assistant<|channel|>final<|message|>' + m.content -}}"
-    "{{- '<|return|>' if loop.last and not add_generation_prompt else '<|end|>' -}}{%- endif -%}"
-    "{%- elif m.role == 'tool' -%}"
-    "{%- set name = m.name if m.name is defined and m.name else ns.tool -%}"
-    "{{- '<|start|>functions.' + name + ' to=assistant<|channel|>commentary<|message|>' + m.content + '<|end|>' -}}"
-    "{%- endif -%}{%- endfor -%}"
-    "{%- if add_generation_prompt -%}{{- '<|start|>assistant' -}}{%- endif -%}"
+# Harmony as a Jinja chat template (llama.cpp, LM Studio): it renders, for the HF chat inputs
+# (`messages`, `tools`, `reasoning_effort`, `add_generation_prompt`), exactly the text whose tokens
+# gptoss-ft trains on and prompts with (`data.render_prompt` / `data.load_examples` of the same row;
+# tests/test_gguf.py checks it against openai-harmony):
+# - the default system message (identity, knowledge cutoff, `Reasoning: reasoning_effort`, default
+#   medium; no date), with the functions line when there are tools;
+# - a developer message with every system/developer row's text as `# Instructions` (joined by a
+#   blank line) and the tools declared as Harmony's TypeScript-like namespace (data/harmony.py `_ts`:
+#   nested objects, arrays, enums, oneOf, nullable, defaults, titles, examples, descriptions,
+#   tools without parameters);
+# - assistant `thinking` (or reasoning_content / reasoning) as analysis, content as final, tool calls
+#   as commentary calls each followed by its result (paired by tool_call_id, else in order); the
+#   analysis of turns that ended is dropped, as at inference;
+# - with add_generation_prompt: the prompt ending `<|start|>assistant`; without: the training
+#   example of the last assistant turn (its final ends with `<|return|>`).
+# What Jinja cannot do is left to the caller: `parameters` and tool results are objects or text
+# (not JSON strings to parse); floats in a tool's defaults print as Python prints them (the same
+# digits; Harmony differs only in exponent form outside 1e-5..1e16); control characters other than
+# \n, \r, \t in JSON strings of defaults and arguments are not escaped.
+_JINJA_MACROS = (
+    # serde_json's compact JSON (how Harmony prints defaults); py=true: Python's json.dumps (how
+    # gptoss-ft writes tool-call arguments and results given as objects)
+    r"{%- macro h_json(v, py=false) -%}"
+    r"{%- if v is none -%}null"
+    r"{%- elif v is boolean -%}{{- 'true' if v else 'false' -}}"
+    r"{%- elif v is integer -%}{{- v|string -}}"
+    r"{%- elif v is number -%}{{- h_float(v, py) -}}"
+    r"{%- elif v is string -%}"
+    r"""{{- '"' + v|replace('\\', '\\\\')|replace('"', '\\"')|replace('\n', '\\n')|replace('\r', '\\r')|replace('\t', '\\t') + '"' -}}"""
+    r"{%- elif v is mapping -%}{{- '{' -}}{%- for k, x in v.items() -%}"
+    r"""{{- (', ' if py else ',') if not loop.first else '' -}}{{- h_json(k|string, py) + (': ' if py else ':') + h_json(x, py) -}}"""
+    r"{%- endfor -%}{{- '}' -}}"
+    r"{%- else -%}{{- '[' -}}{%- for x in v -%}{{- (', ' if py else ',') if not loop.first else '' -}}{{- h_json(x, py) -}}"
+    r"{%- endfor -%}{{- ']' -}}{%- endif -%}"
+    r"{%- endmacro -%}"
+    # a float: Python's repr digits; serde_json (ryu) writes 1e-7 / 1e16 / 0.00001 where Python writes 1e-07 / 1e+16 / 1e-05
+    r"{%- macro h_float(v, py) -%}"
+    r"{%- set s = v|string -%}"
+    r"{%- if s in ('nan', 'inf', '-inf') -%}{{- {'nan': 'NaN', 'inf': 'Infinity', '-inf': '-Infinity'}[s] if py else 'null' -}}"
+    r"{%- elif py or 'e' not in s -%}{{- s -}}"
+    r"{%- else -%}{%- set mant = s.split('e')[0] -%}{%- set exp = s.split('e')[1]|int -%}"
+    r"{%- if exp == -5 -%}{{- ('-' if mant.startswith('-') else '') + '0.0000' + mant.lstrip('-').replace('.', '') -}}"
+    r"{%- else -%}{{- mant + 'e' + exp|string -}}{%- endif -%}{%- endif -%}"
+    r"{%- endmacro -%}"
+    r"{%- macro h_text(c) -%}"
+    r"{%- if c is none -%}{%- elif c is string -%}{{- c -}}"
+    r"{%- elif c is mapping -%}{{- h_json(c, true) -}}"
+    r"{%- else -%}{%- for p in c -%}{{- p['text'] if p is mapping and p['text'] is string else '' -}}{%- endfor -%}{%- endif -%}"
+    r"{%- endmacro -%}"
+    # `default: ...` (data/harmony.py `_default`)
+    r"{%- macro h_default(s, raw_enum) -%}"
+    r"{%- set d = s['default'] -%}"
+    r"{%- set is_enum = s['enum'] is defined and s['enum'] is iterable and s['enum'] is not string "
+    r"and s['enum'] is not mapping and s['enum']|length > 0 -%}"
+    r"""{%- if d is string and not is_enum -%}{{- 'default: "' + d + '"' -}}"""
+    r"{%- elif d is string and raw_enum -%}{{- 'default: ' + d -}}"
+    r"{%- else -%}{{- 'default: ' + h_json(d) -}}{%- endif -%}"
+    r"{%- endmacro -%}"
+    r"{%- macro h_nullable(s, t) -%}"
+    r"{{- t + (' | null' if s is mapping and s['nullable'] is true and 'null' not in t else '') -}}"
+    r"{%- endmacro -%}"
+    # a JSON schema as a TypeScript type (data/harmony.py `_ts`)
+    r"{%- macro h_ts(s, indent) -%}"
+    r"{%- set one_of = s['oneOf'] if s is mapping and s['oneOf'] is defined else none -%}"
+    r"{%- set ty = s['type'] if s is mapping and s['type'] is defined else none -%}"
+    r"{%- if one_of is iterable and one_of is not string and one_of is not mapping -%}"
+    r"{%- for v in one_of -%}"
+    r"{{- '\n' + indent + ' | ' + h_nullable(v, h_ts(v, indent + '   ')) -}}"
+    r"{%- set d = v['description'] if v is mapping and v['description'] is string else none -%}"
+    r"{%- set dflt = h_default(v, false) if v is mapping and 'default' in v else none -%}"
+    r"{%- if d is not none or dflt is not none -%}"
+    r"{{- ' // ' + (d if d is not none else '') + (' ' if d is not none and dflt is not none else '') + (dflt if dflt is not none else '') -}}"
+    r"{%- endif -%}{%- endfor -%}"
+    r"{%- elif ty is iterable and ty is not string and ty is not mapping -%}"
+    r"{%- set ns = namespace(names=[]) -%}"
+    r"{%- for t in ty if t is string -%}{%- set ns.names = ns.names + ['number' if t == 'integer' else t] -%}{%- endfor -%}"
+    r"{{- ns.names|join(' | ') if ns.names else 'any' -}}"
+    r"{%- elif ty == 'object' -%}{{- h_object(s, indent) -}}"
+    r"{%- elif ty == 'string' -%}"
+    r"{%- set ns = namespace(values=[]) -%}"
+    r"{%- if s['enum'] is defined and s['enum'] is iterable and s['enum'] is not string and s['enum'] is not mapping -%}"
+    r"""{%- for v in s['enum'] if v is string -%}{%- set ns.values = ns.values + ['"' + v + '"'] -%}{%- endfor -%}"""
+    r"{%- endif -%}"
+    r"{{- ns.values|join(' | ') if ns.values else 'string' -}}"
+    r"{%- elif ty in ('number', 'integer') -%}number"
+    r"{%- elif ty == 'boolean' -%}boolean"
+    r"{%- elif ty == 'array' -%}{{- h_ts(s['items'], indent) + '[]' if 'items' in s else 'Array<any>' -}}"
+    r"{%- else -%}any{%- endif -%}"
+    r"{%- endmacro -%}"
+    r"{%- macro h_object(s, indent) -%}"
+    r"{%- if s['description'] is string -%}{{- indent + '// ' + s['description'] + '\n' -}}{%- endif -%}"
+    r"{{- '{\n' -}}"
+    r"{%- if s['properties'] is mapping -%}"
+    r"{%- set req = s['required'] if s['required'] is defined and s['required'] is iterable and s['required'] is not string "
+    r"and s['required'] is not mapping else [] -%}"
+    r"{%- for key, val in s['properties'].items() -%}"
+    r"{%- set mark = '' if key in req else '?' -%}"
+    r"{%- set m = val is mapping -%}"
+    r"{%- if m and val['title'] is string -%}{{- indent + '// ' + val['title'] + '\n' + indent + '//\n' -}}{%- endif -%}"
+    r"{%- set desc = val['description'] if m and val['description'] is string else none -%}"
+    r"{%- if not (m and 'oneOf' in val) and desc is not none -%}{{- indent + '// ' + desc + '\n' -}}{%- endif -%}"
+    r"{%- if m and val['examples'] is defined and val['examples'] is iterable and val['examples'] is not string "
+    r"and val['examples'] is not mapping and val['examples']|length > 0 -%}"
+    r"{{- indent + '// Examples:\n' -}}"
+    r"""{%- for e in val['examples'] if e is string -%}{{- indent + '// - "' + e + '"\n' -}}{%- endfor -%}"""
+    r"{%- endif -%}"
+    r"{%- if m and val['oneOf'] is defined and val['oneOf'] is iterable and val['oneOf'] is not string "
+    r"and val['oneOf'] is not mapping -%}"
+    r"{{- h_one_of_property(key + mark, val, val['oneOf'], desc, indent) -}}"
+    r"{%- else -%}"
+    r"{{- indent + key + mark + ': ' + h_nullable(val, h_ts(val, indent + '    ')) + ',' -}}"
+    r"{%- if not (m and 'oneOf' in val) and m and 'default' in val -%}{{- ' // ' + h_default(val, true) -}}{%- endif -%}"
+    r"{{- '\n' -}}"
+    r"{%- endif -%}{%- endfor -%}{%- endif -%}"
+    r"{{- indent + '}' -}}"
+    r"{%- endmacro -%}"
+    r"{%- macro h_one_of_property(name, val, variants, desc, indent) -%}"
+    r"{%- set first = variants[0] if variants|length > 0 else none -%}"
+    r"{%- set above = desc is not none and not (first is mapping and first['description'] is defined "
+    r"and first['description'] == desc) -%}"
+    r"{%- if above -%}{{- indent + '// ' + desc + '\n' -}}{%- endif -%}"
+    r"{%- if 'default' in val -%}{{- indent + '// ' + h_default(val, true) + '\n' -}}{%- endif -%}"
+    r"{{- indent + name + ':\n' -}}"
+    r"{%- for v in variants -%}"
+    r"{{- indent + ' | ' + h_nullable(v, h_ts(v, indent + '   ')) -}}"
+    r"{%- set vd = v['description'] if v is mapping and v['description'] is string else none -%}"
+    r"{%- set n1 = vd if not (loop.first and above) and vd is not none and vd != desc else none -%}"
+    r"{%- set n2 = h_default(v, true) if v is mapping and 'default' in v else none -%}"
+    r"{%- if n1 is not none or n2 is not none -%}"
+    r"{{- ' // ' + (n1 if n1 is not none else '') + (' ' if n1 is not none and n2 is not none else '') + (n2 if n2 is not none else '') -}}"
+    r"{%- endif -%}"
+    r"{{- '\n' -}}"
+    r"{%- endfor -%}"
+    r"{{- indent + ',\n' -}}"
+    r"{%- endmacro -%}"
 )
+_JINJA_BODY = (
+    # 1. The conversation as Harmony messages (data/formats.py `from_messages`): system and developer
+    #    rows become instructions; calls are paired with the tool rows that follow them.
+    r"{%- set ns = namespace(instr=[], h=[]) -%}"
+    r"{%- for m in messages -%}"
+    r"{%- if m.role in ('system', 'developer') -%}{%- set ns.instr = ns.instr + [h_text(m.content)] -%}"
+    r"{%- elif m.role == 'user' -%}{%- set ns.h = ns.h + [{'role': 'user', 'content': h_text(m.content)}] -%}"
+    r"{%- elif m.role == 'assistant' -%}"
+    r"{%- set content = h_text(m.content) -%}"
+    r"{%- set thinking = m.thinking if m.thinking is defined and m.thinking else (m.reasoning_content if "
+    r"m.reasoning_content is defined and m.reasoning_content else (m.reasoning if m.reasoning is defined and m.reasoning else '')) -%}"
+    r"{%- set calls = m.tool_calls if m.tool_calls is defined and m.tool_calls else [] -%}"
+    r"{%- if calls -%}"
+    r"{%- if thinking or content -%}"
+    r"{%- set ns.h = ns.h + [{'role': 'assistant', 'channel': 'analysis', 'content': h_text(thinking) or content}] -%}"
+    r"{%- endif -%}"
+    r"{%- set r = namespace(stop=false, results=[], pending=[], used=[], next=0) -%}"
+    r"{%- for t in messages[loop.index0 + 1:] -%}"
+    r"{%- if not r.stop and t.role == 'tool' -%}{%- set r.results = r.results + [t] -%}"
+    r"{%- if t.tool_call_id is not defined or t.tool_call_id is none -%}{%- set r.pending = r.pending + [t] -%}{%- endif -%}"
+    r"{%- else -%}{%- set r.stop = true -%}{%- endif -%}"
+    r"{%- endfor -%}"
+    r"{%- for c in calls -%}"
+    r"{%- set f = c.function if c.function is defined else c -%}"
+    r"{%- set args = f.arguments if f.arguments is defined else {} -%}"
+    r"{%- set ns.h = ns.h + [{'role': 'assistant', 'channel': 'commentary', 'to': f.name, "
+    r"'content': args if args is string else h_json(args, true)}] -%}"
+    r"{%- set found = namespace(result=none) -%}"
+    r"{%- if c.id is defined and c.id is not none -%}"
+    r"{%- for t in r.results -%}"
+    r"{%- if found.result is none and t.tool_call_id is defined and t.tool_call_id == c.id -%}{%- set found.result = t -%}{%- endif -%}"
+    r"{%- endfor -%}{%- endif -%}"
+    r"{%- if found.result is none and r.next < r.pending|length -%}"
+    r"{%- set found.result = r.pending[r.next] -%}{%- set r.next = r.next + 1 -%}{%- endif -%}"
+    r"{%- if found.result is not none -%}"
+    r"{%- set t = found.result -%}"
+    r"{%- set ns.h = ns.h + [{'role': 'tool', 'name': t.name if t.name is defined and t.name else f.name, "
+    r"'content': h_text(t.content)}] -%}"
+    r"{%- endif -%}{%- endfor -%}"
+    r"{%- else -%}"
+    r"{%- if thinking -%}{%- set ns.h = ns.h + [{'role': 'assistant', 'channel': 'analysis', 'content': h_text(thinking)}] -%}{%- endif -%}"
+    r"{%- set ns.h = ns.h + [{'role': 'assistant', 'channel': 'final', 'content': content}] -%}"
+    r"{%- endif -%}{%- endif -%}{%- endfor -%}"
+    # 2. Where turns end (data/harmony.py `turn_ends`, `render_for_completion`): analysis up to the
+    #    end of the previous turn is dropped; without a generation prompt the example ends with the
+    #    last assistant turn.
+    r"{%- set e = namespace(last=-1, ends=[]) -%}"
+    r"{%- for x in ns.h -%}{%- if x.role == 'assistant' -%}{%- set e.last = loop.index0 -%}{%- endif -%}{%- endfor -%}"
+    r"{%- for x in ns.h -%}"
+    r"{%- set followed = not loop.last and ns.h[loop.index0 + 1].role == 'user' -%}"
+    r"{%- if x.role == 'assistant' and (x.channel == 'final' or followed or (loop.index0 == e.last and not add_generation_prompt)) -%}"
+    r"{%- set e.ends = e.ends + [loop.index0] -%}{%- endif -%}"
+    r"{%- endfor -%}"
+    r"{%- if add_generation_prompt -%}{%- set stop = ns.h|length - 1 -%}{%- set prev = e.ends[-1] if e.ends else -1 -%}"
+    r"{%- else -%}{%- set stop = e.ends[-1] if e.ends else ns.h|length - 1 -%}"
+    r"{%- set prev = e.ends[-2] if e.ends|length > 1 else -1 -%}{%- endif -%}"
+    # 3. The text.
+    r"{%- set has_tools = tools is defined and tools -%}"
+    r"{{- '<|start|>system<|message|>You are ChatGPT, a large language model trained by OpenAI.\n"
+    r"Knowledge cutoff: 2024-06\n\nReasoning: ' + (reasoning_effort if reasoning_effort is defined and reasoning_effort else 'medium') + '\n\n"
+    r"# Valid channels: analysis, commentary, final. Channel must be included for every message.' -}}"
+    r"""{%- if has_tools -%}{{- "\nCalls to these tools must go to the commentary channel: 'functions'." -}}{%- endif -%}"""
+    r"{{- '<|end|>' -}}"
+    r"{%- if ns.instr or has_tools -%}"
+    r"{{- '<|start|>developer<|message|>' -}}"
+    r"{%- if ns.instr -%}{{- '# Instructions\n\n' + ns.instr|join('\n\n') -}}{{- '\n\n' if has_tools else '' -}}{%- endif -%}"
+    r"{%- if has_tools -%}"
+    r"{{- '# Tools\n\n## functions\n\nnamespace functions {\n\n' -}}"
+    r"{%- for t in tools -%}{%- set f = t.function if t.function is defined else t -%}"
+    r"{%- set lines = (f.description if f.description is defined and f.description is string else '').split('\n') -%}"
+    r"{%- for line in lines -%}{%- if not loop.last or line -%}"
+    r"{{- '// ' + (line[:-1] if not loop.last and line.endswith('\r') else line) + '\n' -}}"
+    r"{%- endif -%}{%- endfor -%}"
+    r"{%- if f.parameters is defined and f.parameters is not none -%}"
+    r"{{- 'type ' + f.name + ' = (_: ' + h_ts(f.parameters, '') + ') => any;\n\n' -}}"
+    r"{%- else -%}{{- 'type ' + f.name + ' = () => any;\n\n' -}}{%- endif -%}"
+    r"{%- endfor -%}"
+    r"{{- '} // namespace functions' -}}"
+    r"{%- endif -%}"
+    r"{{- '<|end|>' -}}"
+    r"{%- endif -%}"
+    r"{%- for x in ns.h -%}"
+    r"{%- set i = loop.index0 -%}"
+    r"{%- if i > stop -%}"
+    r"{%- elif x.role == 'user' -%}{{- '<|start|>user<|message|>' + x.content + '<|end|>' -}}"
+    r"{%- elif x.role == 'tool' -%}"
+    r"{{- '<|start|>functions.' + x.name + ' to=assistant<|channel|>commentary<|message|>' + x.content + '<|end|>' -}}"
+    r"{%- elif x.channel == 'commentary' -%}"
+    r"{{- '<|start|>assistant to=functions.' + x.to + '<|channel|>commentary <|constrain|>json<|message|>' + x.content + '<|call|>' -}}"
+    r"{%- elif x.channel == 'analysis' -%}"
+    r"{%- if i > prev -%}{{- '<|start|>assistant<|channel|>analysis<|message|>' + x.content + '<|end|>' -}}{%- endif -%}"
+    r"{%- else -%}"
+    r"{{- '<|start|>assistant<|channel|>final<|message|>' + x.content -}}"
+    r"{{- '<|return|>' if i == stop and not add_generation_prompt else '<|end|>' -}}"
+    r"{%- endif -%}{%- endfor -%}"
+    r"{%- if add_generation_prompt -%}{{- '<|start|>assistant' -}}{%- endif -%}"
+)
+HARMONY_JINJA = _JINJA_MACROS + _JINJA_BODY
 
 # The same conversation rendering as an Ollama (Go text/template) TEMPLATE: system/user/assistant
 # turns with the current turn's thinking; Ollama parses the Harmony reply itself.
@@ -319,20 +505,6 @@ def modelfile(gguf_name: str, *, reasoning: str = "medium", num_ctx: int = 8192)
     )
 
 
-def _base_chat_template(path: Path) -> str | None:
-    """The chat template a base checkpoint ships (HF release: chat_template.jinja or tokenizer_config.json)."""
-    import json
-
-    if (path / "chat_template.jinja").is_file():
-        return (path / "chat_template.jinja").read_text()
-    cfg = path / "tokenizer_config.json"
-    if cfg.is_file():
-        template = json.loads(cfg.read_text()).get("chat_template")
-        if isinstance(template, str):
-            return template
-    return None
-
-
 # -- writing ----------------------------------------------------------------------------------------
 
 @dataclass
@@ -360,10 +532,11 @@ def export_gguf(source, out, *, base: str | None = None, requant: str = "gptq", 
     else:
         raise ExportError(f"{source}: neither a run directory (config.yaml) nor a checkpoint (config.json)")
     report = GgufReport(out, "gguf")
-    template = _base_chat_template(run.base.path) or HARMONY_JINJA
     tensors = merged_tensors(run, "mxfp4", report, requant=requant, calib_tokens=calib_tokens, calib_data=calib_data)
+    # Always gptoss-ft's template, never the base's: it renders what the model was tuned on (OpenAI's
+    # adds a current date and declares tools its own way).
     report.tensors = write_gguf(out, run.config, tensors,
-                                name=name or source.resolve().name, chat_template=template)
+                                name=name or source.resolve().name, chat_template=HARMONY_JINJA)
     if modelfile_out:
         report.modelfile = out.with_name("Modelfile")
         report.modelfile.write_text(modelfile(out.name))

@@ -1,7 +1,9 @@
 """A run directory, the one owner of what `gptoss-ft train` writes and every other command reads.
 
     runs/NAME/
-      config.yaml          the resolved config, read back as a typed `Config` (`RunDir.config`)
+      config.yaml          the resolved config, read back as a typed `Config` (`RunDir.config`): absolute
+                           paths, and for a hub base its id with the commit trained on (model.revision)
+      base.json            the base checkpoint's fingerprint (`fingerprint`), checked by export, chat and --resume
       metrics.jsonl        one object per logged step
       rollouts.jsonl       GRPO: a few sampled completions, their rewards and advantages per logged step
       reference_logps.safetensors   DPO: the reference model's log-probs of every pair, computed once
@@ -11,6 +13,11 @@
       export/FORMAT/       exports written after training (`export.formats`; gguf: export/gguf/model.gguf)
       summary.json, loss.png
 
+A run knows its base: `RunDir.start` (the trainer's first step) records the base's fingerprint, and
+`RunDir.base` (export, the GGUF writer, chat) finds the base again, at the recorded location or the
+one given with --base, and refuses one whose fingerprint differs, naming both. The location may
+change (a run moved or copied elsewhere exports with --base); the model may not.
+
 Adapters are read and written here, in PEFT's layout (`model.lora` decides the names): the rank,
 alpha, rsLoRA and targets of an adapter_config.json mean the same thing to the trainer, export,
 GGUF, chat and evaluation because they all go through `read_adapter` / `attach_adapter`.
@@ -18,7 +25,12 @@ GGUF, chat and evaluation because they all go through `read_adapter` / `attach_a
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import json
+import os
+import struct
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -28,7 +40,7 @@ import yaml
 from safetensors.torch import load_file, save_file
 
 from model import lora as loralib
-from model.checkpoint import Checkpoint, atomic_directory
+from model.checkpoint import Checkpoint, CheckpointError, atomic_directory, atomic_file, resolve
 from model.config import GptOssConfig
 
 if TYPE_CHECKING:
@@ -54,6 +66,7 @@ class RunDir:
     checkpoints = property(lambda self: self.path / "checkpoints")
     adapter = property(lambda self: self.path / "adapter")
     model = property(lambda self: self.path / "model")
+    base_file = property(lambda self: self.path / "base.json")
     summary = property(lambda self: self.path / "summary.json")
     loss_plot = property(lambda self: self.path / "loss.png")
 
@@ -77,7 +90,8 @@ class RunDir:
         if not self.config_file.is_file():
             raise RunError(f"{self.path}: not a run directory (no config.yaml)")
         try:
-            return cfglib.from_dict(yaml.safe_load(self.config_file.read_text()) or {}, check_paths=False)
+            return cfglib.from_dict(yaml.safe_load(self.config_file.read_text()) or {}, check_paths=False,
+                                    relative_to=None)
         except cfglib.ConfigError as e:
             raise RunError(f"{self.config_file}: {e}") from None
 
@@ -87,6 +101,64 @@ class RunDir:
         self.path.mkdir(parents=True, exist_ok=True)
         self.config_file.write_text(cfglib.dump(cfg))
 
+    def start(self, cfg: Config, *, resume: bool = False, write: bool = True) -> Config:
+        """What the trainer does first: find the base (`cfg.model`), fingerprint it and, resuming,
+        refuse a base other than the one the run began with; then (`write`) record config.yaml and
+        base.json. Returns the config as recorded: for a hub base, `model.revision` is the commit."""
+        where, hub_id, commit = locate_base(cfg.model.path, cfg.model.revision)
+        found = fingerprint(where)
+        if resume:
+            recorded = self.recorded_fingerprint()
+            if recorded is not None and recorded["fingerprint"] != found:
+                raise RunError(f"--resume: {_named(cfg.model.path, commit)} at {where} is not the base {self.path} "
+                               f"began with: fingerprint {found[:16]}, but the run recorded "
+                               f"{recorded['fingerprint'][:16]} ({recorded['read_from']}); point model.path at that "
+                               "checkpoint" + (" (model.revision pins a hub commit)" if hub_id else ""))
+        if hub_id is not None:
+            cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, revision=commit))
+        if write:
+            self.write_config(cfg)
+            with atomic_file(self.base_file) as tmp:
+                tmp.write_text(json.dumps({"fingerprint": found, "read_from": str(where)}, indent=2) + "\n")
+        return cfg
+
+    def recorded_fingerprint(self) -> dict | None:
+        """base.json: {"fingerprint", "read_from"}; None for a run from before base fingerprints."""
+        if not self.base_file.is_file():
+            return None
+        try:
+            return json.loads(self.base_file.read_text())
+        except json.JSONDecodeError as e:
+            raise RunError(f"{self.base_file}: not JSON ({e})") from None
+
+    def base(self, override: str | None = None) -> Path:
+        """The base checkpoint this run's weights go on, as a local directory: `override` (--base) or
+        the recorded model.path (a hub id at its recorded commit). Its fingerprint must be the one
+        the run recorded; a different checkpoint is refused with an error naming both."""
+        model = self.config.model
+        recorded = self.recorded_fingerprint()
+        if override is not None:
+            where = locate_base(override)[0]
+        else:
+            try:
+                where = locate_base(model.path, model.revision)[0]
+            except CheckpointError as e:
+                fp = f" (fingerprint {recorded['fingerprint'][:16]})" if recorded else ""
+                raise RunError(f"{self.path}: the base it was trained on, {_named(model.path, model.revision)}{fp}, "
+                               f"cannot be read ({e}); if the run was moved or copied, pass --base PATH with "
+                               "that checkpoint") from None
+        if recorded is None:
+            warnings.warn(f"{self.path} records no base fingerprint (a run from an older gptoss-ft): {where} is "
+                          "used unchecked", stacklevel=2)
+            return where
+        found = fingerprint(where)
+        if found != recorded["fingerprint"]:
+            given = f"--base {override}" if override is not None else f"the recorded base {_named(model.path, model.revision)}"
+            raise RunError(f"{self.path}: {given} ({where}, fingerprint {found[:16]}) is not the base this run "
+                           f"was trained on ({recorded['read_from']}, fingerprint {recorded['fingerprint'][:16]}); "
+                           "pass --base with that checkpoint")
+        return where
+
     def trained_weights(self) -> Path:
         """adapter/ (LoRA) or model/ (full fine-tuning), which must exist: training finished."""
         full = self.config.tuning == "full"
@@ -95,6 +167,75 @@ class RunDir:
         if not probe.is_file():
             raise RunError(f"{self.path}: no {where.name}/ (did training finish?)")
         return where
+
+
+# -- the base checkpoint: where it is, and which model it is -------------------------------------------
+
+SAMPLE_BYTES = 4096
+"""Bytes of each tensor's data that go into a fingerprint (all of a tensor this small or smaller)."""
+
+
+def locate_base(path: str, revision: str | None = None) -> tuple[Path, str | None, str | None]:
+    """(local directory, hub id, commit) of a base model: an existing local directory as is (hub id
+    and commit None), or a hub id downloaded at `revision` (default: the newest) into the HF cache."""
+    local = Path(path).expanduser()
+    if revision is None and local.exists():
+        return Path(os.path.abspath(resolve(local))), None, None
+    if revision is None:
+        snapshot = resolve(path)  # a hub id: downloaded (or found in the cache when offline)
+    else:
+        try:
+            from huggingface_hub import snapshot_download
+
+            snapshot = Path(snapshot_download(path, revision=revision,
+                                              allow_patterns=["*.json", "*.safetensors", "original/*"]))
+        except Exception as e:  # network, auth, unknown revision: all end the same way for the user
+            raise CheckpointError(f"could not get {path!r} at revision {revision!r} from the hub or its cache "
+                                  f"({type(e).__name__}: {e})") from None
+        snapshot = resolve(snapshot)
+    # the HF cache keeps each commit in snapshots/<commit>/
+    commit = snapshot.name if snapshot.parent.name == "snapshots" else revision
+    return snapshot, path, commit
+
+
+def fingerprint(path) -> str:
+    """sha256 (hex) of what makes a checkpoint that model, read cheaply: its model config, each
+    tensor's name, dtype and shape (the safetensors headers) and `SAMPLE_BYTES` of its data (the
+    start, two inner points and the end). The headers alone are the same for every checkpoint of one
+    shape; the samples tell them apart. 20b: about 460 tensors, 1.9 MB read. Sharding and file
+    names do not count; the layout read (HF, or OpenAI's original/) does."""
+    ckpt = Checkpoint(path)
+    h = hashlib.sha256(json.dumps(ckpt.config.to_hf_dict(), sort_keys=True).encode())
+    tensors = []
+    for f in sorted(ckpt.path.glob("*.safetensors")):
+        with open(f, "rb") as fh:
+            (n,) = struct.unpack("<Q", fh.read(8))
+            header = json.loads(fh.read(n))
+            for name, info in header.items():
+                if name != "__metadata__":
+                    begin, end = (8 + n + o for o in info["data_offsets"])
+                    tensors.append((name, info["dtype"], info["shape"], _samples(fh, begin, end)))
+    for name, dtype, shape, data in sorted(tensors):
+        h.update(json.dumps([name, dtype, shape]).encode())
+        h.update(data)
+    return h.hexdigest()
+
+
+def _samples(fh, begin: int, end: int) -> bytes:
+    size = end - begin
+    if size <= SAMPLE_BYTES:
+        fh.seek(begin)
+        return fh.read(size)
+    w = SAMPLE_BYTES // 4
+    out = b""
+    for k in range(4):
+        fh.seek(begin + (size - w) * k // 3)
+        out += fh.read(w)
+    return out
+
+
+def _named(path: str, revision: str | None) -> str:
+    return f"{path}@{revision}" if revision else path
 
 
 # -- adapters in PEFT's layout ------------------------------------------------------------------------
@@ -207,12 +348,12 @@ class Run:
 
 
 def open_run(run_dir, base: str | None = None) -> Run:
-    """Read a finished run directory: its base (`base` overrides the recorded location) and its
-    adapter/ or model/."""
+    """Read a finished run directory: its base (`base` overrides the recorded location, never the
+    fingerprint check, `RunDir.base`) and its adapter/ or model/."""
     rd = RunDir(run_dir)
     cfg = rd.config
-    base_path = base or cfg.model.path
     weights = rd.trained_weights()
+    base_path = rd.base(base)
     run = Run(rd.path, Checkpoint(base_path), data=cfg.data, objective=cfg.objective)
     if cfg.tuning == "full":
         run.tuned = Checkpoint(weights)

@@ -38,7 +38,7 @@ from .grpo import GRPO
 from .objectives import SFT, Data, Objective, TrainingError, sum_stats
 from .plan import auto_offload
 from .plot import loss_curve_png
-from .run import RunDir, attach_adapter, save_adapter
+from .run import RunDir, attach_adapter, locate_base, save_adapter
 from .state import latest_checkpoint, load_checkpoint, save_checkpoint
 
 
@@ -62,7 +62,8 @@ def _ensure_base_model(cfg: cfglib.Config, accelerator) -> None:
 
 def load_model(cfg: cfglib.Config, device: torch.device):
     """The model with exactly the trainable parameters the method asks for."""
-    m = modellib.from_pretrained(cfg.model.path, dtype=_dtype(cfg, device), experts=cfg.model.experts)
+    base = locate_base(cfg.model.path, cfg.model.revision)[0]
+    m = modellib.from_pretrained(base, dtype=_dtype(cfg, device), experts=cfg.model.experts)
     if cfg.tuning == "lora":
         if cfg.model.adapter:  # continue training an existing adapter (e.g. SFT -> DPO / GRPO)
             s = attach_adapter(m, cfg.model.adapter)
@@ -206,10 +207,11 @@ def _setup(cfg: cfglib.Config, accelerator: Accelerator, precision: str, *, resu
     set_seed(cfg.train.seed)
     rd = RunDir(cfg.output_dir)
     main = accelerator.is_main_process
-    if main:
-        rd.write_config(cfg)
-        accelerator.print(cfglib.dump(cfg))
     _ensure_base_model(cfg, accelerator)
+    # Records config.yaml and the base's fingerprint; resuming, refuses a base other than the run's.
+    cfg = rd.start(cfg, resume=resume, write=main)
+    if main:
+        accelerator.print(cfglib.dump(cfg))
     objective = {"sft": SFT, "dpo": DPO, "grpo": GRPO}[cfg.objective](cfg, accelerator.device)
     data = objective.load(cfg)
     accelerator.print(data.report)

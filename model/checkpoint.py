@@ -9,6 +9,7 @@ Weights come from safetensors only: pickle files are refused and never opened.
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import shutil
@@ -490,15 +491,45 @@ def save(out_dir: str | os.PathLike, config: GptOssConfig, tensors: Iterable[tup
 
 # -- random checkpoints (tests, quickstart, benchmarks) ----------------------------------------------
 
+DRAW_CODES_ABOVE = 1 << 26
+"""Expert tensors with more values than this get MXFP4 codes drawn directly (`_drawn_mxfp4`) instead
+of quantizing a Gaussian: the full-size presets (gpt-oss-20b: 530M values a tensor), where the
+exponent search would take minutes and gigabytes per tensor and no fidelity is needed."""
+
+
+def _drawn_mxfp4(shape: tuple[int, ...], gen: torch.Generator, std: float = 0.02) -> tuple[torch.Tensor, torch.Tensor]:
+    """MXFP4 (blocks, scales) distributed like N(0, std) rounded to MXFP4: one scale for every block,
+    2^ceil(log2(2.5 std / 6)) (values saturate only beyond 2.5 std), and each 4-bit code drawn with
+    the probability that N(0, std) rounds to its value at that scale (the dequantized std is std).
+    Drawn one expert at a time: memory stays at one expert's codes plus 4 bytes a byte of uniforms."""
+    e, out, g, half = shape
+    exp = math.ceil(math.log2(2.5 * std / 6.0))
+    sigma = std / 2.0 ** exp  # the values' std in units of the scale
+    mags = torch.tensor(mxfp4.FP4_VALUES[:8], dtype=torch.float64)
+    edges = torch.cat([torch.tensor([0.0]), (mags[1:] + mags[:-1]) / 2, torch.tensor([math.inf])])
+    cdf = 0.5 * (1 + torch.erf(edges / (sigma * math.sqrt(2))))
+    p_mag = 2 * (cdf[1:] - cdf[:-1])  # |x| rounds to each magnitude
+    p_code = torch.cat([p_mag, p_mag]) / 2  # codes 0-7 positive, 8-15 negative, equally likely
+    p_byte = (p_code[:, None] * p_code[None, :]).flatten()  # byte = high nibble * 16 + low nibble
+    cdf_byte = torch.cumsum(p_byte, 0).to(torch.float32)
+    cdf_byte[-1] = 1.0
+    blocks = torch.empty(shape, dtype=torch.uint8)
+    for i in range(e):
+        u = torch.rand(out * g * half, generator=gen)
+        blocks[i] = torch.searchsorted(cdf_byte, u, right=True).clamp_(max=255).to(torch.uint8).view(out, g, half)
+    return blocks, torch.full((e, out, g), exp + mxfp4.SCALE_BIAS, dtype=torch.uint8)
+
+
 def random_tensors(config: GptOssConfig, *, seed: int = 0, experts: str = "mxfp4",
                    dtype: torch.dtype = torch.bfloat16) -> Iterator[tuple[str, torch.Tensor]]:
     """Random weights for every tensor, generated one at a time (so large configs stream).
 
     Every parameter is random, sinks, biases and norms included, so tests see each of them matter.
     Matrices and biases have std 0.02 like a fresh init; norms are near 1; experts are quantized to
-    MXFP4. `lm_head` rows have std 4 / sqrt(H): the final norm gives h of norm ~sqrt(H), so logits
-    spread with std ~4 as a trained model's do, and a LoRA-only fine-tune of a tiny random model can
-    make one token win (with std 0.02 at H = 64, every logit stays within ~1 of the others).
+    MXFP4 (drawn as codes directly above DRAW_CODES_ABOVE values). `lm_head` rows have std
+    4 / sqrt(H): the final norm gives h of norm ~sqrt(H), so logits spread with std ~4 as a trained
+    model's do, and a LoRA-only fine-tune of a tiny random model can make one token win (with std
+    0.02 at H = 64, every logit stays within ~1 of the others).
     """
     gen = torch.Generator().manual_seed(seed)
     for name, shape in expected_shapes(config, experts=experts).items():
@@ -507,8 +538,10 @@ def random_tensors(config: GptOssConfig, *, seed: int = 0, experts: str = "mxfp4
         if name.endswith("_blocks"):
             proj = name[: -len("_blocks")]
             e, out, g, _ = shape
-            w = torch.randn(e, out, g * 32, generator=gen) * 0.02
-            blocks, scales = mxfp4.quantize(w)
+            if e * out * g * 32 > DRAW_CODES_ABOVE:
+                blocks, scales = _drawn_mxfp4(shape, gen)
+            else:
+                blocks, scales = mxfp4.quantize(torch.randn(e, out, g * 32, generator=gen) * 0.02)
             yield name, blocks
             yield proj + "_scales", scales
             continue

@@ -163,3 +163,26 @@ def test_original_layout_shards_and_reads_back(tiny_hf, tmp_path):
     assert back.layout == "original"
     for name in src.names():
         assert torch.equal(src.get(name), back.get(name)), name
+
+
+def test_full_size_presets_draw_expert_codes_like_a_quantized_gaussian(monkeypatch, tmp_path):
+    """Above DRAW_CODES_ABOVE values (gpt-oss-20b's experts) codes are drawn, not searched: the
+    dequantized weights have the std of the Gaussian they stand for, zero mean, and each code the
+    frequency nearest rounding of that Gaussian gives at the drawn scale."""
+    from model import checkpoint
+
+    gen = torch.Generator().manual_seed(0)
+    blocks, scales = checkpoint._drawn_mxfp4((2, 128, 90, 16), gen)
+    assert blocks.dtype == scales.dtype == torch.uint8 and scales.shape == (2, 128, 90)
+    w = mxfp4.dequantize(blocks, scales).float()
+    assert abs(w.std().item() - 0.02) < 0.0005 and abs(w.mean().item()) < 0.0002
+    step = 2.0 ** (scales[0, 0, 0].item() - mxfp4.SCALE_BIAS)
+    gauss = torch.randn(2 * 128 * 2880, generator=gen) * 0.02
+    want = torch.bucketize((gauss / step).abs(), torch.tensor([0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0]))
+    got = torch.bucketize((w.flatten() / step).abs(), torch.tensor([0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0]))
+    assert torch.allclose(torch.bincount(got, minlength=8) / got.numel(), torch.bincount(want, minlength=8) / want.numel(),
+                          atol=0.003)
+    # a checkpoint written that way is complete and loads (the tiny preset forced over the threshold)
+    monkeypatch.setattr(checkpoint, "DRAW_CODES_ABOVE", 0)
+    out = write_random(tmp_path / "drawn", preset("tiny"), seed=0)
+    assert set(Checkpoint(out).names()) == set(expected_shapes(preset("tiny")))

@@ -9,13 +9,13 @@ from pathlib import Path
 
 import pytest
 import torch
-import yaml
 from safetensors import safe_open
 
 import model as modellib
 from finetune.cli import main
 from finetune.export import export
-from finetune.run import save_adapter
+from finetune import config as cfglib
+from finetune.run import RunDir, save_adapter
 from model import mxfp4
 from model.checkpoint import Checkpoint
 from model.gptq import choose_scales, gptq_quantize
@@ -54,7 +54,7 @@ def _write_run_config(run: Path, base: Path, method: str, targets=("attention", 
     cfg = {"model": {"path": str(base), "experts": "mxfp4" if method == "lora" else "dequantized"},
            "data": {"train": str(train), "format": "messages", "max_seq_len": 256},
            "method": method, "lora": {"r": 4, "alpha": 8, "targets": list(targets)}, "output_dir": str(run)}
-    (run / "config.yaml").write_text(yaml.safe_dump(cfg))
+    RunDir(run).start(cfglib.from_dict(cfg))  # config.yaml and base.json, as the trainer records them
 
 
 def tokens(n=2, t=48, seed=0):

@@ -5,7 +5,6 @@ Loading the file in llama.cpp itself is scripts/check_gguf_llamacpp.py (slow, bu
 import numpy as np
 import pytest
 import torch
-import yaml
 
 gguf = pytest.importorskip("gguf")
 
@@ -124,20 +123,153 @@ def test_metadata_hyperparameters_tokenizer_and_template(exported, tiny_hf):
     assert f("tokenizer.chat_template") == HARMONY_JINJA  # the tiny base ships no template
 
 
-@pytest.mark.parametrize("messages, effort", [
-    ([{"role": "user", "content": "Hi"}], None),
-    ([{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
-      {"role": "assistant", "content": "Hello!", "thinking": "greet them"}, {"role": "user", "content": "Bye"}], "low"),
-])
-def test_chat_template_renders_the_prompt_gptoss_ft_chat_renders(messages, effort):
-    jinja2 = pytest.importorskip("jinja2")
-    from data.tokenizer import get_tokenizer
-    from finetune.generate import chat_prompt
+# -- the chat template: rendered with jinja2 as llama.cpp's Python bindings, LM Studio's predecessor
+# and transformers do, against openai-harmony (the oracle) and gptoss-ft's own renderer ---------------
 
-    env = jinja2.Environment(trim_blocks=True, lstrip_blocks=True)  # what transformers and minja use
+WEATHER = {"type": "object", "description": "Where and how.", "properties": {
+    "location": {"type": "object", "description": "The place.", "properties": {
+        "city": {"type": "string"}, "country": {"type": "string", "default": "FR", "description": "ISO code"}},
+        "required": ["city"]},
+    "unit": {"type": "string", "enum": ["celsius", "fahrenheit"], "default": "celsius", "description": "Temperature unit"},
+    "days": {"type": "integer", "default": 3, "title": "Days"},
+    "hours": {"type": "array", "items": {"type": "number"}, "examples": ["9", "17"]},
+    "detail": {"oneOf": [{"type": "string", "description": "A level"}, {"type": "boolean", "default": False}],
+               "description": "How much", "default": "low"},
+    "threshold": {"type": ["number", "null"], "default": 0.5},
+    "scale": {"type": "number", "default": 1e-7}, "big": {"type": "number", "default": 2.5e20},
+    "tags": {"type": "array"}, "note": {"type": "string", "nullable": True},
+    "filters": {"type": "object", "properties": {"kinds": {"type": "array", "items": {"type": "string", "enum": ["rain", "sun"]}}},
+                "default": {"kinds": ["sun"], "strict": True}}},
+    "required": ["location"]}
+TOOLS = [("get_weather", "Gets the weather.\nIn a city.", WEATHER), ("get_time", "The time now.", None),
+         ("noop", "", {"type": "object", "properties": {}})]
+EFFORTS = ["low", "medium", "high"]
+
+
+def _openai_tools(tools):
+    """(name, description, parameters) as the OpenAI `tools` list a server hands the template."""
+    return [{"type": "function", "function": {"name": n, "description": d, **({"parameters": p} if p is not None else {})}}
+            for n, d, p in tools]
+
+
+def _template(messages, *, tools=(), effort=None, generation_prompt=True) -> str:
+    jinja2 = pytest.importorskip("jinja2")
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    # the environment transformers and llama-cpp-python render chat templates in
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, undefined=jinja2.Undefined)
     kwargs = {"reasoning_effort": effort} if effort else {}
-    text = env.from_string(HARMONY_JINJA).render(messages=messages, add_generation_prompt=True, **kwargs)
-    assert text == get_tokenizer().decode(chat_prompt(messages, reasoning_effort=effort))
+    return env.from_string(HARMONY_JINJA).render(messages=messages, tools=_openai_tools(tools) or None,
+                                                 add_generation_prompt=generation_prompt, **kwargs)
+
+
+def _oracle(body, *, tools=(), instructions=None, effort="medium", training=False) -> list[int]:
+    """openai-harmony's tokens of the conversation (earlier turns' analysis already left out of
+    `body`, as Harmony asks of the harness)."""
+    from harmony_oracle import ENC, developer, system
+    from openai_harmony import Conversation, ReasoningEffort, RenderConversationConfig, Role
+
+    head = [system(ReasoningEffort(effort.capitalize()))]
+    if instructions is not None or tools:
+        head.append(developer(instructions, list(tools)))
+    conv = Conversation.from_messages(head + body)
+    keep = RenderConversationConfig(auto_drop_analysis=False)
+    if training:
+        return ENC.render_conversation_for_training(conv, keep)
+    return ENC.render_conversation_for_completion(conv, Role.ASSISTANT, keep)
+
+
+def _check(text: str, oracle: list[int]) -> None:
+    from data.tokenizer import get_tokenizer
+
+    enc = get_tokenizer()
+    assert text == enc.decode(oracle)
+    # What llama.cpp feeds the model: the text tokenized with special tokens parsed.
+    assert enc.encode(text, allowed_special="all") == oracle
+
+
+def _conversations():
+    """(name, HF messages, tools, instructions, openai-harmony body, training) of each shape."""
+    from harmony_oracle import assistant, call, result, user
+
+    args = '{"location": {"city": "Paris"}}'
+    yield ("one user message", [{"role": "user", "content": "Hi"}], (), None, [user("Hi")], False)
+    yield ("instructions, an earlier turn's reasoning dropped",
+           [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
+            {"role": "assistant", "thinking": "greet them", "content": "Hello!"}, {"role": "user", "content": "Bye"}],
+           TOOLS, "Be brief.", [user("Hi"), assistant("Hello!", "final"), user("Bye")], False)
+    yield ("a tool call awaiting the answer: its reasoning kept",
+           [{"role": "user", "content": "Weather in Paris?"},
+            {"role": "assistant", "thinking": "Use the tool.",
+             "tool_calls": [{"type": "function", "function": {"name": "get_weather", "arguments": args}}]},
+            {"role": "tool", "content": "18C"}],
+           TOOLS, None, [user("Weather in Paris?"), assistant("Use the tool.", "analysis"), call("get_weather", args),
+                         result("get_weather", "18C")], False)
+    yield ("parallel calls paired by id, arguments as objects, developer and system rows joined",
+           [{"role": "developer", "content": "Use tools."}, {"role": "system", "content": "Be kind."},
+            {"role": "user", "content": "Time and weather?"},
+            {"role": "assistant", "content": "Both tools.",
+             "tool_calls": [{"id": "a", "function": {"name": "get_time", "arguments": {}}},
+                            {"id": "b", "function": {"name": "get_weather", "arguments": {"location": {"city": "Oslo"}, "days": 2}}}]},
+            {"role": "tool", "tool_call_id": "b", "content": "3C"}, {"role": "tool", "tool_call_id": "a", "content": "noon"},
+            {"role": "assistant", "thinking": "Answer.", "content": "Noon, 3C."}, {"role": "user", "content": "Thanks"}],
+           TOOLS, "Use tools.\n\nBe kind.",
+           [user("Time and weather?"), call("get_time", "{}"), result("get_time", "noon"),
+            call("get_weather", '{"location": {"city": "Oslo"}, "days": 2}'), result("get_weather", "3C"),
+            assistant("Noon, 3C.", "final"), user("Thanks")], False)
+    yield ("a training example: the last turn's reasoning and calls kept, <|return|> at the end",
+           [{"role": "user", "content": "Hi"}, {"role": "assistant", "thinking": "t0", "content": "Hello"},
+            {"role": "user", "content": "Weather?"},
+            {"role": "assistant", "thinking": "t1", "tool_calls": [{"function": {"name": "get_weather", "arguments": args}}]},
+            {"role": "tool", "name": "get_weather", "content": "18C"},
+            {"role": "assistant", "thinking": "t2", "content": "18C in Paris."}],
+           TOOLS, None, [user("Hi"), assistant("Hello", "final"), user("Weather?"), assistant("t1", "analysis"),
+                         call("get_weather", args), result("get_weather", "18C"), assistant("t2", "analysis"),
+                         assistant("18C in Paris.", "final")], True)
+
+
+@pytest.mark.parametrize("effort", EFFORTS)
+@pytest.mark.parametrize("case", list(_conversations()), ids=lambda c: c[0])
+def test_chat_template_renders_what_openai_harmony_and_gptoss_ft_render(case, effort):
+    from data.formats import from_messages, prompt_conversation
+    from data.harmony import render_examples, render_for_completion
+
+    _, messages, tools, instructions, body, training = case
+    text = _template(messages, tools=tools, effort=effort, generation_prompt=not training)
+    oracle = _oracle(body, tools=tools, instructions=instructions, effort=effort, training=training)
+    _check(text, oracle)
+    row = {"tools": _openai_tools(tools)}
+    if training:  # the example gptoss-ft trains on for the conversation's last turn
+        ours = render_examples(from_messages({**row, "messages": messages}), split_turns=False, reasoning_effort=effort)[0][0]
+    else:  # the prompt gptoss-ft chat and GRPO sample from
+        ours = render_for_completion(prompt_conversation({**row, "prompt": messages}), reasoning_effort=effort)
+    assert ours == oracle
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_chat_template_declares_random_tool_schemas_as_harmony_does(seed):
+    """Seeded schemas from the renderer's own test (nested objects, arrays, enums, oneOf, type lists,
+    nullable, titles, examples, every kind of default), against openai-harmony."""
+    import random
+
+    from harmony_oracle import user
+    from test_data_harmony import _object
+
+    rng = random.Random(seed)
+    descriptions = ["Gets it.", "Two\nlines", "", "CRLF\r\nlines\n"]
+    tools = [(name, rng.choice(descriptions), None if name == "noop" else _object(rng))
+             for name in rng.sample(["get_weather", "search_docs", "add", "noop"], rng.randint(1, 3))]
+    effort = rng.choice(EFFORTS)
+    text = _template([{"role": "user", "content": "Go"}], tools=tools, effort=effort)
+    oracle = _oracle([user("Go")], tools=tools, effort=effort)
+    from data.tokenizer import STARTOFTEXT, get_tokenizer
+
+    enc = get_tokenizer()
+    assert text == enc.decode(oracle)
+    # Schema text may hold look-alikes of special tokens ("<|end|>" in a description), which any
+    # template's text becomes real special tokens in the server's tokenizer; elsewhere, tokens too.
+    if sum(text.count(s) for s in enc.special_tokens_set) == sum(t >= STARTOFTEXT for t in oracle):
+        assert enc.encode(text, allowed_special="all") == oracle
 
 
 def test_mxfp4_repacking_is_exact_and_pairs_weight_j_with_j_plus_16():
@@ -164,8 +296,9 @@ def test_modelfile_sits_next_to_the_gguf(exported):
 
 def test_run_dir_export_folds_the_lora_in(tmp_path, tiny_hf):
     import model as modellib
+    from finetune.config import from_dict
     from finetune.export import export
-    from finetune.run import save_adapter
+    from finetune.run import RunDir, save_adapter
 
     m = modellib.from_pretrained(tiny_hf, dtype=torch.float32, experts="mxfp4")
     modellib.add_lora(m, r=4, alpha=8, targets=["attention"])
@@ -176,9 +309,9 @@ def test_run_dir_export_folds_the_lora_in(tmp_path, tiny_hf):
                 p.copy_(torch.randn(p.shape, generator=gen) * 0.05)
     run = tmp_path / "run"
     save_adapter(m, run / "adapter", base_model=str(tiny_hf))
-    (run / "config.yaml").write_text(yaml.safe_dump({"model": {"path": str(tiny_hf)}, "method": "lora",
-                                                     "lora": {"r": 4, "alpha": 8, "targets": ["attention"]},
-                                                     "data": {"train": "train.jsonl"}, "output_dir": str(run)}))
+    RunDir(run).start(from_dict({"model": {"path": str(tiny_hf)}, "method": "lora",
+                                 "lora": {"r": 4, "alpha": 8, "targets": ["attention"]},
+                                 "data": {"train": "train.jsonl"}, "output_dir": str(run)}, check_paths=False))
     r = export_gguf(run, tmp_path / "out" / "run.gguf", requant="nearest")
     assert r.experts_copied == 2 * 2 * 8 and r.experts_requantized == 0
     merged = Checkpoint(export(run, "merged", tmp_path / "merged").path)

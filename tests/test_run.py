@@ -31,7 +31,7 @@ def _rslora_run(tmp_path, base):
             if ".lora_B." in n:
                 p.copy_(torch.randn(p.shape, generator=gen) * 0.05)
     run = RunDir(tmp_path / "run")
-    run.write_config(cfglib.from_dict({
+    run.start(cfglib.from_dict({
         "model": {"path": str(base)}, "data": {"train": str(QUICK_TRAIN), "format": "messages"},
         "lora": {"r": 4, "alpha": 8, "targets": list(TARGETS), "use_rslora": True}, "output_dir": str(run.path)}))
     save_adapter(m, run.adapter, base_model=str(base))
