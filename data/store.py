@@ -260,8 +260,13 @@ def cached(cache_dir: Path, material: dict, build: Callable[[Path], dict]) -> tu
     entry = cache_dir / key
     if (entry / "meta.json").exists():
         return entry, _read_meta(entry), False
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    with open(cache_dir / f"{key}.lock", "a") as lock:
+    try:
+        cache_dir.mkdir(parents=True, exist_ok=True)
+        lock = open(cache_dir / f"{key}.lock", "a")
+    except OSError as e:
+        raise DataError(f"cannot write the rendered-data cache in {cache_dir} ({e.strerror}); point data.cache_dir "
+                        "at a writable folder, or set data.cache: false", "cache not writable") from None
+    with lock:
         try:
             fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:

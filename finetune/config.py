@@ -48,7 +48,7 @@ INPUT_PATHS = ("model.path", "model.adapter", "data.train", "data.eval", "evalua
 directory; one given as a key=value override, or in a config built in code, against the current
 directory. A value that is not there and looks like a hub id (`org/name`) stays a hub id
 (model.path with init_preset is always a local path). grpo.rewards: the `FILE.py:function` entries."""
-OUTPUT_PATHS = ("output_dir",)
+OUTPUT_PATHS = ("output_dir", "data.cache_dir")
 """Keys naming where a run writes: a relative value resolves against the current directory (the run
 lands where you start it, as `runs/NAME` in the shipped configs)."""
 

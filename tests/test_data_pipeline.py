@@ -304,3 +304,9 @@ def test_hub_dataset_renders_once_into_the_cache(tmp_path, monkeypatch):
     assert report.cache.startswith("rendered into") and first == load_examples(rows, "messages")[0]
     again, report = load_examples("someone/chats", "messages", cache_dir=tmp_path / "cache")
     assert report.cache.startswith("read from") and again == first
+
+
+def test_an_unwritable_cache_is_one_clear_error(tmp_path):
+    path = write_jsonl(tmp_path / "d.jsonl", [chat(0)])
+    with pytest.raises(DataError, match="cannot write the rendered-data cache in .*data.cache: false"):
+        load_examples(path, cache_dir=path / "cache")  # under a file: no folder can be made there
