@@ -197,8 +197,70 @@ def _show_prompts(prompts, limit: int | None) -> None:
                   style="dim", soft_wrap=True)
 
 
+def _recipes_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--json", action="store_true", help="one JSON object per recipe instead of the table")
+    p.add_argument("--markdown", action="store_true", help="the table in Markdown (as the README shows it)")
+
+
+RECIPE_COLUMNS = ("recipe", "dataset", "method", "what the model learns", "hardware", "20b GiB", "120b GiB")
+PLANNED_MODELS = ("openai/gpt-oss-20b", "openai/gpt-oss-120b")
+
+
+def recipe_summary(path) -> dict:
+    """A recipe as `gptoss-ft train` reads it (with its hardware file): its dataset, method, what it
+    teaches, its default hardware, and the peak memory per GPU planned for each of PLANNED_MODELS
+    (the model swapped in, nothing offloaded)."""
+    import yaml
+
+    from . import config as cfglib
+    from .plan import plan_run
+
+    cfg = cfglib.load(path, check_paths=False)  # a listing reads no data and no model
+    d = cfg.data
+    return {"name": path.stem, "path": str(path), "method": cfg.method if cfg.method in TRAINABLE else
+            f"{cfg.method} ({cfg.tuning})", "learns": cfg.description,
+            "dataset": d.train + (f" ({d.subset})" if d.subset else "") + (f" [{d.split}]" if d.split != "train" else ""),
+            "hardware": (yaml.safe_load(path.read_text()) or {}).get("hardware"),
+            "planned_gib": {m: round(plan_run(config=cfg, model=m).peak_bytes / 2**30, 1) for m in PLANNED_MODELS}}
+
+
+def _recipes(args: argparse.Namespace) -> int:
+    """The recipes in recipes/: dataset, method, what the model learns, planned memory."""
+    import recipes
+
+    found = [recipe_summary(p) for p in recipes.paths()]
+    if args.json:
+        for r in found:
+            print(json.dumps(r))
+        return 0
+    rows = [(r["name"], r["dataset"], r["method"], r["learns"], os.path.basename(r["hardware"] or "-"),
+             *(f"{r['planned_gib'][m]:.1f}" for m in PLANNED_MODELS)) for r in found]
+    note = ("GiB: planned peak memory per GPU with the recipe's hardware file and the model swapped, no "
+            "experts offloaded (`gptoss-ft plan --config recipes/NAME.yaml --fit GIB` fits a smaller GPU).")
+    if args.markdown:
+        print("| " + " | ".join(RECIPE_COLUMNS) + " |")
+        print("|" + "|".join("---:" if c.endswith("GiB") else "---" for c in RECIPE_COLUMNS) + "|")
+        for row in rows:
+            print("| " + " | ".join(f"`{c}`" if i in (0, 1, 4) else c for i, c in enumerate(row)) + " |")
+        print(f"\n{note}")
+        return 0
+    from rich.console import Console
+    from rich.markup import escape
+    from rich.table import Table
+
+    t = Table(title=escape("gptoss-ft train recipes/NAME.yaml [hardware=configs/FILE.yaml] [key=value ...]"))
+    for col in RECIPE_COLUMNS:
+        t.add_column(col, justify="right" if col.endswith("GiB") else "left")
+    for row in rows:
+        t.add_row(*map(escape, row))
+    console = Console()
+    console.print(t)
+    console.print(escape(note), style="dim")
+    return 0
+
+
 def _train_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("config", help="a YAML config (see configs/)")
+    p.add_argument("config", help="a recipe (recipes/*.yaml) or any YAML config")
     p.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. train.lr=1e-4")
     p.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint")
 
@@ -341,6 +403,7 @@ COMMANDS: dict[str, tuple[str, Callable, Callable[[argparse.Namespace], int]]] =
     "train": ("fine-tune from a YAML config (LoRA or full)", _train_args, _train),
     "export": ("write an adapter, a merged model, or an MXFP4 model from a run", _export_args, _export),
     "render": ("show what the model sees and what is trained, for a dataset", _render_args, _render),
+    "recipes": ("list the recipes for public datasets, with planned memory", _recipes_args, _recipes),
     "plan": ("predict peak memory for a model, method and batch", _plan_args, _plan),
     "chat": ("talk to a model or a fine-tuned run", _chat_args, _chat),
     "init": ("write a random gpt-oss checkpoint (tiny by default) for tests and the quickstart", _init_args, _init),

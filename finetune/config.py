@@ -5,6 +5,10 @@ value of the wrong type names its key, and missing files are reported before any
 `key=value` overrides on the command line use dotted keys (`train.lr=1e-4`, `lora.targets=[attention]`);
 values are parsed as YAML. Each field is documented once, here.
 
+A recipe (recipes/*.yaml) says what to train and a hardware file (configs/*.yaml) on which model and
+machine: a config's top-level `hardware: FILE`, or a `hardware=FILE` override, merges that file's keys
+under the config's own (`with_hardware`).
+
 Paths (`INPUT_PATHS`, `OUTPUT_PATHS`) become absolute when a config is read, so a run's config.yaml
 says exactly what it read and wrote wherever it is used from: what a run reads resolves against the
 directory of the config file that names it; where it writes (`output_dir`), and anything given as a
@@ -259,6 +263,8 @@ class Config:
     method: Literal[METHODS] = "lora"
     trainable: Literal[TRAINABLE] | None = None
     """lora or full; default: full for method full, lora otherwise."""
+    description: str = ""
+    """One line on what the run teaches the model (a recipe's, listed by `gptoss-ft recipes`)."""
     lora: LoraSection = field(default_factory=LoraSection)
     dpo: DpoSection = field(default_factory=DpoSection)
     grpo: GrpoSection = field(default_factory=GrpoSection)
@@ -552,6 +558,57 @@ def from_dict(d: dict[str, Any], overrides: list[str] = (), *, check_paths: bool
     return cfg
 
 
+def _merged(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
+    """`top`'s keys over `base`'s, section by section."""
+    out = dict(base)
+    for k, v in top.items():
+        out[k] = _merged(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def with_hardware(d: dict[str, Any], path: Path, overrides: list[str], *, check_paths: bool = True
+                  ) -> tuple[dict[str, Any], list[str]]:
+    """(config data with its hardware file's keys under its own, the overrides left to apply).
+
+    A recipe says what to train, a hardware file (configs/*.yaml) on which model and machine: the
+    config's `hardware: FILE` (relative to the config's directory) or a `hardware=FILE` override
+    (relative to the current directory) names it. Its keys come first, the config's replace them,
+    and the remaining overrides replace both. The hardware file's own relative paths resolve
+    against its directory. A hardware file names no hardware file itself."""
+    d = dict(d)
+    named = d.pop("hardware", None)
+    rest, given = [], None
+    for o in overrides:
+        key, sep, value = o.partition("=")
+        if key.strip() == "hardware" and sep:
+            given = value.strip()
+        else:
+            rest.append(o)
+    if given is not None:
+        hardware = Path(given).expanduser() if given else None
+    elif named is not None:
+        if not isinstance(named, str) or not named:
+            raise ConfigError(f"{path}: hardware: expected the path of a hardware file (configs/*.yaml), got {named!r}")
+        hardware = Path(named).expanduser()
+        hardware = hardware if hardware.is_absolute() else path.parent / hardware
+    else:
+        hardware = None
+    if hardware is None:
+        return d, rest
+    try:
+        hw = yaml.safe_load(hardware.read_text())
+    except (FileNotFoundError, IsADirectoryError):
+        raise ConfigError(f"{path}: hardware: no such hardware file {hardware}") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{hardware}: invalid YAML: {e}") from None
+    if not isinstance(hw, dict):
+        raise ConfigError(f"{hardware}: expected a mapping of config sections at the top level")
+    if "hardware" in hw:
+        raise ConfigError(f"{hardware}: a hardware file names no other hardware file (found hardware: {hw['hardware']!r})")
+    resolve_paths(hw, Path(os.path.abspath(hardware.parent)), check=check_paths)
+    return _merged(hw, d), rest
+
+
 def load(path: str | Path, overrides: list[str] = (), *, check_paths: bool = True) -> Config:
     """Read a YAML config, apply dotted overrides, validate. Errors name the file and the key.
     Relative input paths in the file resolve against the file's directory (module docstring)."""
@@ -564,6 +621,7 @@ def load(path: str | Path, overrides: list[str] = (), *, check_paths: bool = Tru
         raise ConfigError(f"{path}: invalid YAML: {e}") from None
     if not isinstance(d, dict):
         raise ConfigError(f"{path}: expected a mapping of config sections at the top level")
+    d, overrides = with_hardware(d, path, list(overrides), check_paths=check_paths)
     try:
         return from_dict(d, overrides, check_paths=check_paths, relative_to=path.parent)
     except ConfigError as e:

@@ -466,7 +466,9 @@ _JINJA_BODY = (
 HARMONY_JINJA = _JINJA_MACROS + _JINJA_BODY
 
 # The same conversation rendering as an Ollama (Go text/template) TEMPLATE: system/user/assistant
-# turns with the current turn's thinking; Ollama parses the Harmony reply itself.
+# turns with the current turn's thinking; Ollama parses the Harmony reply itself. No tools: the tool
+# schema Ollama gives templates has lost the request's property order and keywords such as defaults
+# (see `modelfile`).
 _OLLAMA_TEMPLATE = """<|start|>system<|message|>You are ChatGPT, a large language model trained by OpenAI.
 Knowledge cutoff: 2024-06
 
@@ -494,7 +496,11 @@ def modelfile(gguf_name: str, *, reasoning: str = "medium", num_ctx: int = 8192)
     return (
         "# Ollama Modelfile written by gptoss-ft: ollama create NAME -f Modelfile && ollama run NAME\n"
         "# Needs Ollama 0.11.5 or newer (MXFP4 GGUF import). To change the reasoning effort, edit\n"
-        "# `Reasoning:` below (low, medium or high).\n"
+        "# `Reasoning:` below (low, medium or high). This template declares no tools: Ollama hands\n"
+        "# templates a typed tool schema (properties in Ollama's order, keywords such as defaults not\n"
+        "# passed on) from which the declarations the model was tuned on cannot be rebuilt; for tool\n"
+        "# calling serve the GGUF with llama.cpp (llama-server --jinja) or LM Studio, which run the\n"
+        "# file's exact Harmony template.\n"
         f"FROM ./{gguf_name}\n\n"
         f'TEMPLATE """{template}"""\n\n'
         f"{stops}"

@@ -25,10 +25,12 @@ targets, its named parameters and buffers sorted by role (`_counts`):
 - framework: Python + torch + accelerate + datasets + the tokenizer (CPU, measured), or the CUDA
   context and cuBLAS workspaces (CUDA).
 
-`--config FILE` plans a training config as the trainer will run it (its LoRA targets included). FSDP
-over N GPUs (`--gpus`) divides parameters, gradients and optimizer state by N and adds one layer's
-unsharded base weights (the all-gather in flight). FSDP shards parameters only: frozen MXFP4 experts
-are buffers, so every GPU holds all of them.
+`--config FILE` plans a training config as the trainer will run it (its LoRA targets included). FSDP2
+over N processes (`--gpus N`: GPUs, or CPU processes with `--device cpu`) divides parameters,
+gradients and optimizer state by N and adds the unsharded units in flight: one decoder layer, and the
+root unit (embeddings, final norm, lm_head) for the whole step. FSDP shards parameters only: frozen
+MXFP4 experts are buffers, so every process holds all of them. With bf16, full fine-tuning under FSDP2
+keeps fp32 master weights (accelerate upcasts what is trained), so its AdamW state is fp32 too.
 """
 
 from __future__ import annotations
@@ -208,13 +210,18 @@ def plan(model: "str | GptOssConfig", *, method: str = "lora", seq_len: int = 20
     # The trainer's models: LoRA over frozen MXFP4 experts, full fine-tuning of dense ("dequantized") ones.
     n = _counts(c, "mxfp4", lora_r, lora_targets) if method == "lora" else _counts(c, "dequantized")
     tokens = seq_len * batch_size
-    shard = gpus if device == "cuda" else 1  # FSDP shards parameters, grads and optimizer state
+    # FSDP2 over `gpus` processes (GPUs, or CPU processes with --device cpu) shards parameters,
+    # gradients and optimizer state; buffers (the MXFP4 experts) it does not.
+    shard = gpus
+    # Trained weights under FSDP2 with bf16 are fp32 masters: accelerate upcasts trainable parameters
+    # before fully_shard (FSDP2 needs one dtype per unit) and computes in bf16 copies it all-gathers.
+    w = 4 if method == "full" and gpus > 1 else s
     h, i = c.hidden_size, c.intermediate_size
     input_embedding = n["embedding"]
 
     dense = n["dense"] + (0 if embed_off else input_embedding)
     p.breakdown["weights: attention, router, norms, lm_head" + ("" if embed_off else ", embeddings")
-                + " (model dtype)"] = dense * s // shard
+                + (" (model dtype)" if w == s else " (fp32 masters)")] = dense * (s if method == "lora" else w) // shard
     if embed_off:
         p.notes.append(f"input embedding kept in CPU memory ({input_embedding * s / GIB:.2f} GiB; model.offload_embeddings)")
     if method == "lora":
@@ -234,14 +241,24 @@ def plan(model: "str | GptOssConfig", *, method: str = "lora", seq_len: int = 20
         p.notes.append(f"LoRA r={lora_r} on {', '.join(rest) + ' and ' if rest else ''}{last}: "
                        f"{trainable / 1e6:.1f}M trainable parameters")
     else:
-        p.breakdown["weights: experts dense (model dtype, trained)"] = n["experts"] * s // shard
-        trainable, pbytes, obytes = n["embedding"] + n["dense"] + n["experts"], s, 2 * s
-        p.notes.append(f"full fine-tuning: {trainable / 1e9:.2f}B trainable parameters, AdamW states in the model dtype")
+        p.breakdown["weights: experts dense (" + ("model dtype" if w == s else "fp32 masters") + ", trained)"] = \
+            n["experts"] * w // shard
+        trainable, pbytes, obytes = n["embedding"] + n["dense"] + n["experts"], w, 2 * w
+        p.notes.append(f"full fine-tuning: {trainable / 1e9:.2f}B trainable parameters, AdamW states in "
+                       + ("the model dtype" if w == s else "fp32 (FSDP2 keeps fp32 masters under bf16)"))
     p.breakdown["gradients"] = trainable * pbytes // shard
     p.breakdown["optimizer: AdamW m and v"] = trainable * obytes // shard
-    if device == "cuda" and gpus > 1:
-        layer = n["layer_dense"] * s + (n["layer_experts"] * s if method == "full" else 0)
-        p.breakdown["FSDP: one layer unsharded (all-gather)"] = layer
+    if gpus > 1:
+        # One unit per decoder layer, all-gathered in the compute dtype for its forward and backward; the
+        # root unit (embeddings, final norm, lm_head) stays gathered from the first forward to the end
+        # of backward (accelerate does not reshard the root). Full fine-tuning adds the unsharded
+        # gradients of a unit before they are reduce-scattered.
+        layer = n["layer_dense"] + (n["layer_experts"] if method == "full" else 0)
+        root = input_embedding + n["dense"] - layers * n["layer_dense"]
+        p.breakdown["FSDP: one decoder layer unsharded (all-gather)"] = layer * s
+        p.breakdown["FSDP: embeddings, final norm, lm_head unsharded (root unit)"] = root * s
+        if method == "full":
+            p.breakdown["FSDP: unsharded gradients of the root unit and one layer"] = (root + layer) * s
 
     per_layer = _layer_activations(c, device) * tokens * s
     if gradient_checkpointing:
@@ -260,8 +277,8 @@ def plan(model: "str | GptOssConfig", *, method: str = "lora", seq_len: int = 20
     p.breakdown["framework: " + ("python, torch, imports (measured)" if device == "cpu"
                                  else "CUDA context, workspaces")] = \
         CPU_FRAMEWORK_BYTES if device == "cpu" else CUDA_FRAMEWORK_BYTES
-    if device == "cpu" and gpus > 1:
-        p.notes.append("--device cpu: one process; --gpus is ignored")
+    if gpus > 1:
+        p.notes.append(f"FSDP2 over {gpus} {'GPUs' if device == 'cuda' else 'CPU processes'}: figures per process")
     return p
 
 
@@ -309,7 +326,8 @@ def render_table(p: Plan) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    where = f"{p.gpus} GPU{'s' if p.gpus > 1 else ''}" if p.device == "cuda" else "CPU (peak RSS)"
+    where = (f"{p.gpus} GPU{'s' if p.gpus > 1 else ''}" if p.device == "cuda"
+             else "CPU (peak RSS)" if p.gpus == 1 else f"{p.gpus} CPU processes (peak RSS)")
     t = Table(title=f"{p.model} {p.method}, seq {p.seq_len} x batch {p.batch_size}, "
                     f"{'gradient checkpointing, ' if p.gradient_checkpointing else ''}{where}: per device")
     t.add_column("term")

@@ -31,8 +31,11 @@ from model.config import preset
 from model.modeling import MLPBlock
 
 from . import config as cfglib
+from .distributed import accelerator as make_accelerator
+from .distributed import describe, held_line, held_per_process, is_sharded
 from .dpo import DPO
 from .evaluate import accuracy, load_probes
+from .generate import load_for_inference
 from .export import export
 from .grpo import GRPO
 from .objectives import SFT, Data, Objective, TrainingError, sum_stats
@@ -130,6 +133,24 @@ class Batches:
             out.append([self.rows[order[(start + i) % n]] for i in range(self.b)])
         return out
 
+    @property
+    def layout(self) -> dict[str, int]:
+        """What decides the rows of a step besides the seed; checkpoints keep it, a resume must match it
+        (the process count may change when batch_size changes with it)."""
+        return {"rows_per_micro_batch": self.b * self.w, "grad_accum": self.a}
+
+    def check_resumable(self, saved: dict, where: Path) -> None:
+        old = {k: saved[k] for k in self.layout if k in saved}
+        if old and old != self.layout:
+            rows = old.get("rows_per_micro_batch", self.b * self.w)
+            fix = (f"train.batch_size={rows // self.w}" if rows % self.w == 0
+                   else f"a process count that divides {rows}")
+            raise TrainingError(
+                f"{where} was written with {rows} rows per micro-batch (train.batch_size x processes) and grad_accum "
+                f"{old.get('grad_accum', self.a)}; this run has {self.b} x {self.w} = {self.b * self.w} and "
+                f"grad_accum {self.a}, so its steps would cover other rows. Resume with {fix} on {self.w} "
+                f"process(es) and train.grad_accum={old.get('grad_accum', self.a)}")
+
 
 # -- the run: setup, loop, finish ---------------------------------------------------------------------
 
@@ -156,6 +177,8 @@ class _Run:
     t_begin: float
     t_start: float
     """perf_counter() at step 0 (earlier by the elapsed time of the steps before a resume)."""
+    held: list[dict[str, int]] | None = None
+    """Bytes each process holds after the run's first step (`distributed.held_per_process`)."""
 
     @property
     def main(self) -> bool:
@@ -171,17 +194,21 @@ def train(config: cfglib.Config | str | Path, overrides: list[str] = (), *, resu
     else:
         cfg = cfglib.load(config, list(overrides))
     precision = _precision(cfg)
-    # cpu=True on a machine without CUDA makes `accelerate launch --multi_gpu` run DDP over gloo.
-    accelerator = Accelerator(mixed_precision="bf16" if precision == "bf16" else "no",
-                              cpu=not torch.cuda.is_available())
+    # The engine the launch asked for (FSDP2 also on CPU processes), or an error saying what works.
+    accelerator = make_accelerator(mixed_precision="bf16" if precision == "bf16" else "no")
     # Some CPU kernels (index_put with accumulate, in the MoE backward) sum in thread order; the
     # deterministic variants make a resumed run bit-identical to an uninterrupted one.
     with _deterministic_algorithms(accelerator.device.type == "cpu"):
         run = _setup(cfg, accelerator, precision, resume=resume, t_begin=t_begin)
         _loop(run)
         _finish(run)
+    path = run.dir.path
+    # Sharded tensors and FSDP's state hold the process group: released first, it is destroyed while
+    # the interpreter is whole (left to exit, gloo's threads could abort a process whose peer lingers).
+    del run
+    accelerator.free_memory()
     accelerator.end_training()
-    return run.dir.path
+    return path
 
 
 def _precision(cfg: cfglib.Config) -> str:
@@ -204,6 +231,11 @@ def _deterministic_algorithms(enabled: bool):
 
 def _setup(cfg: cfglib.Config, accelerator: Accelerator, precision: str, *, resume: bool, t_begin: float) -> _Run:
     """Config written, data loaded, model and optimizer prepared, state restored when resuming."""
+    accelerator.print(f"{describe(accelerator)}, device {accelerator.device}, precision {precision}")
+    if is_sharded(accelerator) and cfg.objective == "grpo":
+        raise TrainingError("GRPO under FSDP2 is not supported: each process generates until its own completions "
+                            "end, and FSDP2 needs every process to run the same forward passes. Train GRPO with "
+                            "configs/accelerate/ddp.yaml or on one process")
     set_seed(cfg.train.seed)
     rd = RunDir(cfg.output_dir)
     main = accelerator.is_main_process
@@ -218,8 +250,6 @@ def _setup(cfg: cfglib.Config, accelerator: Accelerator, precision: str, *, resu
     model = load_model(cfg, accelerator.device)
     _offload(cfg, model, accelerator)
     params = {n: p for n, p in model.named_parameters() if p.requires_grad}
-    accelerator.print(f"{accelerator.num_processes} process(es), {accelerator.distributed_type.value}, "
-                      f"device {accelerator.device}, precision {precision}")
     accelerator.print(f"trainable parameters: {sum(p.numel() for p in params.values()):,} "
                       f"of {sum(p.numel() for p in model.parameters()):,} ({cfg.method}, {cfg.tuning})")
     results: dict = {}
@@ -238,6 +268,8 @@ def _setup(cfg: cfglib.Config, accelerator: Accelerator, precision: str, *, resu
     if accelerator.distributed_type.value == "DEEPSPEED":
         _deepspeed_setup(model, t)
     model, optimizer = accelerator.prepare(model, optimizer)
+    # FSDP2 replaces each parameter by a sharded one (same name): checkpoints use the new ones.
+    params = {n: p for n, p in accelerator.unwrap_model(model).named_parameters() if p.requires_grad}
     objective.prepare(model, data, accelerator, rd)
 
     batches = Batches(data.train_rows, batch_size=t.batch_size, grad_accum=t.grad_accum,
@@ -251,6 +283,7 @@ def _setup(cfg: cfglib.Config, accelerator: Accelerator, precision: str, *, resu
             accelerator.print(f"--resume: no complete checkpoint in {rd.checkpoints}; starting at step 0")
         else:
             state = load_checkpoint(found, params=params, optimizer=optimizer)
+            batches.check_resumable(state, found)
             start, elapsed_before = state["step"], state.get("elapsed_s", 0.0)
             with warnings.catch_warnings():  # stepping the schedule forward before any optimizer step is the point
                 warnings.simplefilter("ignore", UserWarning)
@@ -288,6 +321,9 @@ def _loop(run: _Run) -> None:
                     f"{bad_in_a_row} non-finite steps in a row at step {step + 1}; stopping. The last good "
                     f"checkpoint in {run.dir.checkpoints} is intact (lower train.lr or check the data)."
                 )
+        if step == run.start:  # gradients and optimizer state exist now: what does each process hold?
+            run.held = held_per_process(run.model, run.optimizer, acc)
+            acc.print(held_line(run.held))
         run.optimizer.zero_grad(set_to_none=True)
         lr = run.scheduler.get_last_lr()[0]
         run.scheduler.step()
@@ -304,8 +340,9 @@ def _loop(run: _Run) -> None:
         if (t.save_every and done % t.save_every == 0) or done == run.total:
             acc.wait_for_everyone()
             save_checkpoint(run.dir.checkpoints, done, trainable=run.params, optimizer=run.optimizer,
-                            param_names=names, keep=t.keep_checkpoints, is_main=run.main,
-                            extra={"elapsed_s": time.perf_counter() - run.t_start, "total_steps": run.total})
+                            param_names=names, keep=t.keep_checkpoints, extra={
+                                "elapsed_s": time.perf_counter() - run.t_start, "total_steps": run.total,
+                                **run.batches.layout})
     run.logger.close()
 
 
@@ -320,10 +357,15 @@ def _finish(run: _Run) -> None:
     _save_final(cfg, tuned, state, run.dir)
     train_time = time.perf_counter() - run.t_start
     if run.probes:
-        run.results["tuned"] = _accuracy(tuned, run.probes, cfg, "fine-tuned model")
+        what = "fine-tuned model"
+        if is_sharded(acc):  # the live model is sharded and the other processes have left: reload what was written
+            tuned = load_for_inference(str(run.dir.path), dtype=_dtype(cfg, acc.device), device=str(acc.device))
+            what += f" (reloaded from {run.dir.trained_weights()})"
+        run.results["tuned"] = _accuracy(tuned, run.probes, cfg, what)
     for fmt in cfg.export.formats:
         run.results.update(_export_and_measure(cfg, run.dir, fmt, run.probes, acc.device))
-    _summarize(run.dir, run.results, train_time=train_time, total_time=time.perf_counter() - run.t_begin)
+    _summarize(run.dir, run.results, train_time=train_time, total_time=time.perf_counter() - run.t_begin,
+               held=run.held)
 
 
 def _offload(cfg: cfglib.Config, model, accelerator) -> None:
@@ -375,9 +417,12 @@ def _step(model, micro: list[dict], objective: Objective, accelerator,
                                              device=accelerator.device), reduction="sum")
     denom, n_input = max(1, int(counts[0])), int(counts[1])
     stats = []
+    # FSDP2 reduce-scatters every micro-batch's gradients: skipping it (no_sync) would keep each
+    # unit's whole gradient until the last micro-batch, the memory sharding is there to save.
+    sync_each = is_sharded(accelerator)
     for i, b in enumerate(micro):
         last = i == len(micro) - 1
-        ctx = accelerator.no_sync(model) if not last else contextlib.nullcontext()
+        ctx = accelerator.no_sync(model) if not last and not sync_each else contextlib.nullcontext()
         with ctx, accelerator.autocast():
             total, s, aux = objective.loss(model, b, aux=t.aux_loss_coef > 0)
             loss = total / denom
@@ -406,6 +451,9 @@ def evaluate(model, objective: Objective, rows: list, accelerator, batch_size: i
     model.eval()
     mine = rows[accelerator.process_index::accelerator.num_processes]
     stats = objective.evaluate(model, mine, batch_size) if mine else {}
+    if is_sharded(accelerator):  # each forward all-gathers weights: every process runs as many batches as the first
+        for _ in range(-(-len(rows[0::accelerator.num_processes]) // batch_size) - -(-len(mine) // batch_size)):
+            objective.evaluate(model, rows[:batch_size], batch_size)  # its stats are not this process's rows
     model.train()
     return _means(stats, accelerator, objective.eval_stats)
 
@@ -479,7 +527,7 @@ def _export_and_measure(cfg: cfglib.Config, rd: RunDir, fmt: str, probes, device
     return {fmt: _accuracy(exported, probes, cfg, f"{fmt} export")}
 
 
-def _summarize(rd: RunDir, results: dict, *, train_time: float, total_time: float) -> None:
+def _summarize(rd: RunDir, results: dict, *, train_time: float, total_time: float, held: list | None = None) -> None:
     """`summary.json`, `loss.png` and a short table: what the run did, in one place."""
     rows = [json.loads(x) for x in rd.metrics.read_text().splitlines() if x.strip()]
     train = [(r["step"], r["loss"]) for r in rows if "loss" in r]
@@ -494,6 +542,7 @@ def _summarize(rd: RunDir, results: dict, *, train_time: float, total_time: floa
         "total_time_s": round(total_time, 1),
         "eval_prompts": next(iter(results.values())).n if results else 0,
         "samples": {k: v.samples for k, v in results.items()},
+        "held_bytes_per_process": held,
     }
     rd.summary.write_text(json.dumps(summary, indent=2) + "\n")
     loss_curve_png(rd.loss_plot, train, evals)
