@@ -8,8 +8,8 @@ dropped; the tests check they are token-identical). openai-harmony is timed on r
 is not counted; gptoss-ft is timed from JSON rows (`load_examples`), parsing included.
 
 Large datasets: `load_examples(..., num_proc=N)` renders contiguous chunks of rows in N worker
-processes (order kept); for hub-scale data, `datasets.map(num_proc=N)` over
-`data.formats.to_conversation` + `data.harmony.render_examples` does the same with Arrow caching.
+processes (order kept; default every core) into flat arrays, kept with `cache_dir=`;
+`benchmarks/bench_data_scale.py` measures that path at 10^4 to 10^6 rows.
 """
 
 from __future__ import annotations

@@ -42,7 +42,7 @@ def calibration_ids(run: Run, n_tokens: int, source: str | None) -> list[list[in
         examples, _ = datalib.load_examples(
             source, d.format if d else "auto", split_turns=d.split_turns if d else True,
             loss_on=d.loss_on if d else "last_turn", max_seq_len=d.max_seq_len if d else None, **common)
-        sequences = [ex.input_ids for ex in examples]
+        sequences = (ex.input_ids for ex in examples)  # built one at a time from the arrays, as far as needed
     seqs, total = [], 0
     for seq in sequences:
         if total >= n_tokens:

@@ -52,7 +52,7 @@ INPUT_PATHS = ("model.path", "model.adapter", "data.train", "data.eval", "evalua
 directory; one given as a key=value override, or in a config built in code, against the current
 directory. A value that is not there and looks like a hub id (`org/name`) stays a hub id
 (model.path with init_preset is always a local path). grpo.rewards: the `FILE.py:function` entries."""
-OUTPUT_PATHS = ("output_dir",)
+OUTPUT_PATHS = ("output_dir", "data.cache_dir")
 """Keys naming where a run writes: a relative value resolves against the current directory (the run
 lands where you start it, as `runs/NAME` in the shipped configs)."""
 
@@ -125,6 +125,15 @@ class DataSection:
     the same for train and eval."""
     eval_split: str = "train"
     """Split of `eval` to read when it is a hub dataset (e.g. test_prefs); local files have only train."""
+    num_proc: int | None = None
+    """Processes that render the rows (SFT data); default: every core. The tokens do not depend on it."""
+    cache: bool = True
+    """SFT data: keep the rendered token ids and loss masks (.npy arrays) in cache_dir, keyed by the data
+    files (path, size, mtime) or hub dataset fingerprint and every data option that changes the tokens,
+    so a second run, a resumed run and the other processes of a multi-process run read them instead of
+    rendering again (one process renders, the others wait)."""
+    cache_dir: str | None = None
+    """Where the cache lives; default $GPTOSS_FT_CACHE/data, else ~/.cache/gptoss-ft/data."""
 
 
 @dataclass(frozen=True)

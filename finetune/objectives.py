@@ -111,8 +111,11 @@ class SFT(Objective):
 
     def load(self, cfg) -> Data:
         d = cfg.data
+        # Every process of a run loads the same way: the first to arrive renders into the cache, the
+        # others wait for it and map the same arrays (data.store), so nothing here depends on the rank.
         common = dict(format=d.format, subset=d.subset, on_error=d.on_error, split_turns=d.split_turns, loss_on=d.loss_on,
-                      reasoning_effort=d.reasoning_effort, max_seq_len=d.max_seq_len, truncation=d.truncation)
+                      reasoning_effort=d.reasoning_effort, max_seq_len=d.max_seq_len, truncation=d.truncation,
+                      num_proc=d.num_proc, cache_dir=(d.cache_dir or datalib.default_cache_dir()) if d.cache else None)
         train, report = datalib.load_examples(d.train, split=d.split, **common)
         lines = [f"train {d.train}: {report}"]
         if d.eval is not None:
@@ -121,7 +124,7 @@ class SFT(Objective):
         elif d.eval_fraction > 0:
             # Whole rows are held out: a row's examples (one per turn) share prefixes, so splitting
             # examples would leak eval text into training.
-            n_rows = max(1, round(len({e.row for e in train}) * d.eval_fraction))
+            n_rows = max(1, round(train.num_rows * d.eval_fraction))
             train, evals = datalib.train_eval_split(train, n_rows, seed=cfg.train.seed)
             lines.append(f"eval: {n_rows} rows ({len(evals)} examples) held out of train "
                          f"(eval_fraction {d.eval_fraction})")

@@ -16,6 +16,13 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
 
+@pytest.fixture(scope="session", autouse=True)
+def data_cache(tmp_path_factory):
+    """Runs' rendered-data cache (data.cache_dir's default) in a folder of this session, not in ~/.cache."""
+    os.environ["GPTOSS_FT_CACHE"] = str(tmp_path_factory.mktemp("gptoss-ft-cache"))
+    return os.environ["GPTOSS_FT_CACHE"]
+
+
 @pytest.fixture(scope="session")
 def tiny_hf(tmp_path_factory):
     """A random tiny gpt-oss in the HF layout with MXFP4 experts."""

@@ -77,6 +77,20 @@ def test_lora_run_writes_everything_and_peft_loads_the_adapter(tmp_path, tiny_hf
         assert not torch.allclose(theirs(input_ids=ids).logits, b, atol=1e-4), "the adapter learned nothing"
 
 
+def test_a_resumed_run_reads_the_rendered_data_from_the_cache(tmp_path, tiny_hf, small_data, capsys):
+    cache = tmp_path / "cache"
+    cfg = write_config(tmp_path, tiny_hf, small_data, train={"max_steps": 1, "save_every": 1, "eval_every": None})
+    d = yaml.safe_load(cfg.read_text())
+    d["data"]["cache_dir"] = str(cache)
+    cfg.write_text(yaml.safe_dump(d))
+    assert main(["train", str(cfg)]) == 0
+    out = capsys.readouterr().out
+    assert out.count(f"cache: rendered into {cache}") == 2  # train and eval
+    assert main(["train", str(cfg), "--resume"]) == 0
+    out = capsys.readouterr().out
+    assert out.count(f"cache: read from {cache}") == 2 and "rendered into" not in out
+
+
 def test_full_finetune_writes_an_hf_model_transformers_loads(tmp_path, tiny_hf, small_data):
     transformers = pytest.importorskip("transformers")
     # Also exercised here: gradient checkpointing, the router balancing loss, wandb offline.
