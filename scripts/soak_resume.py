@@ -1,10 +1,13 @@
 """Soak test for crash safety (kept out of the test run): kill `gptoss-ft train` with SIGKILL at random
 moments, resume, and check the final adapter is bit-identical to an uninterrupted run's.
 
-    python scripts/soak_resume.py [--cycles 20] [--seed 0] [--workdir DIR] [--threads 1]
+    python scripts/soak_resume.py [--cycles 20] [--seed 0] [--workdir DIR] [--threads 1] [--processes N]
 
 Each cycle starts a fresh run, kills it 1-3 times at random delays (start-up, mid-step, mid-save all
 get hit over enough cycles), resumes until it finishes, and compares. Prints how many ended identical.
+--processes N (2 or more): every run is `accelerate launch --config_file configs/accelerate/fsdp2.yaml
+--num_processes N`, sharded checkpoints and all; the launcher is SIGKILLed and its workers must die
+with it.
 """
 
 from __future__ import annotations
@@ -13,7 +16,6 @@ import argparse
 import os
 import random
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
@@ -25,6 +27,10 @@ import yaml
 from safetensors.torch import load_file
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "tests"))
+from resume_check import kill, launch  # noqa: E402  (the kill/resume helpers the tests use)
+
+TRAIN = [sys.executable, "-m", "finetune.cli", "train"]
 
 
 # One thread per run by default: on a shared VM a process's second OpenMP thread has been seen
@@ -35,7 +41,7 @@ ENV = dict(os.environ)
 
 def run(cfg: Path, resume: bool, kill_after: float | None) -> bool:
     """True when the run finished; False when it was killed."""
-    cmd = [sys.executable, "-m", "finetune.cli", "train", str(cfg)] + (["--resume"] if resume else [])
+    cmd = TRAIN + [str(cfg)] + (["--resume"] if resume else [])
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=ENV)
     if kill_after is None:
         _, err = proc.communicate()
@@ -46,8 +52,7 @@ def run(cfg: Path, resume: bool, kill_after: float | None) -> bool:
         proc.wait(timeout=kill_after)
         return proc.returncode == 0
     except subprocess.TimeoutExpired:
-        proc.send_signal(signal.SIGKILL)
-        proc.wait()
+        kill(proc)
         return False
 
 
@@ -57,7 +62,10 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--workdir", default=None)
     ap.add_argument("--threads", type=int, default=1, help="torch threads per run (0: torch's default)")
+    ap.add_argument("--processes", type=int, default=1, help="2 or more: FSDP2 on that many CPU processes")
     args = ap.parse_args()
+    if args.processes > 1:
+        TRAIN[:] = launch(args.processes)
     if args.threads:
         ENV.update(OMP_NUM_THREADS=str(args.threads), MKL_NUM_THREADS=str(args.threads))
     rng = random.Random(args.seed)
