@@ -21,7 +21,7 @@ from model.config import PRESETS
 from model.config import ConfigError as ModelConfigError
 from model.experts import EXPERT_FORMATS
 
-from .config import TRAINABLE, ConfigError
+from .config import DTYPES, TRAINABLE, ConfigError
 from .export import FORMATS as EXPORT_FORMATS
 from .export import REQUANT
 from .plan import DEVICES, PlanError
@@ -323,7 +323,9 @@ def _plan_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=int, default=None, help="default 1")
     p.add_argument("--gpus", type=int, default=1)
     p.add_argument("--device", choices=DEVICES, default="cuda",
-                   help="cuda: GPU memory per device; cpu: the peak RSS of a CPU run (fp32)")
+                   help="cuda: GPU memory per device; cpu: the peak RSS of a CPU run")
+    p.add_argument("--dtype", choices=DTYPES, default=None,
+                   help="model.dtype (default: the config's, else auto: bfloat16 on cuda, float32 on cpu)")
     p.add_argument("--gradient-checkpointing", action="store_true", help="recompute each layer in backward")
     p.add_argument("--lora-r", type=int, default=None, help="LoRA rank (attention + experts), default 16")
     p.add_argument("--offload-experts", type=int, default=None, metavar="N",
@@ -344,7 +346,7 @@ def _plan(args: argparse.Namespace) -> int:
                  method=args.method, seq_len=args.seq_len, batch_size=args.batch_size,
                  gradient_checkpointing=args.gradient_checkpointing or None, lora_r=args.lora_r,
                  offload_experts=args.offload_experts, offload_embeddings=False if args.no_offload_embeddings else None,
-                 gpus=args.gpus, device=args.device)
+                 gpus=args.gpus, device=args.device, dtype=args.dtype)
     if args.json:
         print(json.dumps(p.to_dict(), indent=2))
     else:

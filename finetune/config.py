@@ -39,6 +39,8 @@ from model.lora import TARGETS as LORA_TARGETS
 from .dpo import LOSSES as DPO_LOSSES
 from .export import FORMATS as EXPORT_FORMATS
 
+DTYPES = ("auto", "float32", "bfloat16")
+"""model.dtype: auto is bfloat16 on GPU and float32 on CPU."""
 METHODS = ("lora", "full", "dpo", "grpo")
 """lora / full: supervised fine-tuning of LoRA adapters on a frozen base / of every weight (needs
 model.experts: dequantized); dpo: preference tuning (arXiv:2305.18290); grpo: reinforcement learning
@@ -70,7 +72,7 @@ class ModelSection:
     config.yaml records the commit it trained on."""
     experts: Literal[EXPERT_FORMATS] = "mxfp4"
     """mxfp4: experts stay frozen in MXFP4 and are decoded on the fly (LoRA only); dequantized: dense experts."""
-    dtype: Literal["auto", "float32", "bfloat16"] = "auto"
+    dtype: Literal[DTYPES] = "auto"
     """Weights and compute dtype; auto = bfloat16 on GPU, float32 on CPU."""
     init_preset: str | None = None
     """When `path` does not exist, write a random checkpoint of this preset there first (e.g. tiny)."""

@@ -179,10 +179,11 @@ def _layer_activations(c: GptOssConfig, device: str) -> int:
 def plan(model: "str | GptOssConfig", *, method: str = "lora", seq_len: int = 2048, batch_size: int = 1, gpus: int = 1,
          device: str = "cuda", gradient_checkpointing: bool = False, lora_r: int = 16,
          lora_targets: tuple[str, ...] = ("attention", "experts"), labeled_tokens: int | None = None,
-         offload_embeddings: bool = True, offload_experts: int = 0) -> Plan:
+         offload_embeddings: bool = True, offload_experts: int = 0, dtype: str = "auto") -> Plan:
     """Peak memory per device. lora_targets: the config's `lora.targets` (attention, experts, router).
     labeled_tokens: trained tokens per micro-batch (default: all).
-    offload_embeddings / offload_experts: the trainer's `model.offload_*` (LoRA on one GPU only)."""
+    offload_embeddings / offload_experts: the trainer's `model.offload_*` (LoRA on one GPU only).
+    dtype: the config's `model.dtype` (auto: bfloat16 on cuda, float32 on cpu)."""
     if method not in cfglib.TRAINABLE:
         raise PlanError(f"method must be one of {', '.join(cfglib.TRAINABLE)}, got {method!r}")
     if method == "lora":
@@ -193,6 +194,8 @@ def plan(model: "str | GptOssConfig", *, method: str = "lora", seq_len: int = 20
         lora_targets = tuple(t for t in TARGETS if t in lora_targets)  # one order: one cache entry, one note
     if device not in DEVICES:
         raise PlanError(f"device must be one of {', '.join(DEVICES)}, got {device!r}")
+    if dtype not in cfglib.DTYPES:
+        raise PlanError(f"dtype must be one of {', '.join(cfglib.DTYPES)}, got {dtype!r}")
     if min(seq_len, batch_size, gpus, lora_r) < 1:
         raise PlanError("seq-len, batch-size, gpus and r must be positive")
     c = load_config(model)
@@ -206,7 +209,8 @@ def plan(model: "str | GptOssConfig", *, method: str = "lora", seq_len: int = 20
     embed_off = offload_embeddings and offloading and not c.tie_word_embeddings
     name = model if isinstance(model, str) else "model"
     p = Plan(name, method, device, gpus, seq_len, batch_size, gradient_checkpointing, lora_r, offload_experts)
-    s = 4 if device == "cpu" else 2  # model dtype: fp32 on CPU, bf16 on CUDA (trainer's dtype: auto)
+    # model dtype: the config's, or the trainer's auto (fp32 on CPU, bf16 on CUDA)
+    s = 4 if dtype == "float32" or (dtype == "auto" and device == "cpu") else 2
     # The trainer's models: LoRA over frozen MXFP4 experts, full fine-tuning of dense ("dequantized") ones.
     n = _counts(c, "mxfp4", lora_r, lora_targets) if method == "lora" else _counts(c, "dequantized")
     tokens = seq_len * batch_size
@@ -307,7 +311,8 @@ def config_kwargs(config, overrides: list[str] = ()) -> dict:
     seq_len = cfg.grpo.max_prompt_len + cfg.grpo.max_new_tokens if cfg.objective == "grpo" else cfg.data.max_seq_len
     return dict(model=cfg.model.path, method=cfg.tuning, seq_len=seq_len, batch_size=rows,
                 gradient_checkpointing=cfg.model.gradient_checkpointing, lora_r=cfg.lora.r, lora_targets=tuple(cfg.lora.targets),
-                offload_embeddings=cfg.model.offload_embeddings, offload_experts=cfg.model.offload_experts)
+                offload_embeddings=cfg.model.offload_embeddings, offload_experts=cfg.model.offload_experts,
+                dtype=cfg.model.dtype)
 
 
 def auto_offload(config, budget_gib: float, model: GptOssConfig | None = None) -> int:

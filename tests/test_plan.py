@@ -236,3 +236,16 @@ def test_cli_plans_a_config_with_overrides(capsys):
     assert lower < json.loads(capsys.readouterr().out)["peak_gib"] - 15  # the expert adapters' 15.8 GiB
     assert cli(["plan", "--model", "gpt-oss-20b", "lora.r=8"]) == 2  # overrides need a config
     assert "--config" in capsys.readouterr().err
+
+
+def test_model_dtype_halves_the_model_dtype_terms_on_cpu():
+    """model.dtype: bfloat16 on CPU (what fits the full-size 20b in 24 GiB) stores the dense weights in
+    2 bytes; the LoRA adapters and their optimizer stay fp32."""
+    fp32 = planlib.plan("gpt-oss-20b", device="cpu", seq_len=512, gradient_checkpointing=True).breakdown
+    bf16 = planlib.plan("gpt-oss-20b", device="cpu", seq_len=512, gradient_checkpointing=True, dtype="bfloat16").breakdown
+    dense = "weights: attention, router, norms, lm_head, embeddings (model dtype)"
+    assert bf16[dense] * 2 == fp32[dense]
+    assert bf16["trainable: LoRA adapters (fp32)"] == fp32["trainable: LoRA adapters (fp32)"]
+    assert planlib.plan("gpt-oss-20b", dtype="float32", offload_embeddings=False).breakdown[dense] == fp32[dense]
+    with pytest.raises(planlib.PlanError, match="dtype must be one of"):
+        planlib.plan("gpt-oss-20b", dtype="fp8")
