@@ -170,7 +170,7 @@ class TrainSection:
     max_grad_norm: float | None = 1.0
     """Clip the global gradient norm to this; null disables clipping."""
     precision: Literal["auto", "fp32", "bf16"] = "auto"
-    """auto = bf16 autocast on GPU, fp32 on CPU."""
+    """auto = bf16 autocast on GPU, and on CPU when model.dtype is bfloat16; fp32 otherwise."""
     seed: int = 0
     save_every: int | None = None
     """Checkpoint every N optimizer steps (and at the end); null: only at the end."""

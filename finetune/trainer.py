@@ -213,7 +213,8 @@ def train(config: cfglib.Config | str | Path, overrides: list[str] = (), *, resu
 
 def _precision(cfg: cfglib.Config) -> str:
     if cfg.train.precision == "auto":
-        return "bf16" if torch.cuda.is_available() else "fp32"
+        # bf16 weights need bf16 autocast on CPU too: the fp32 LoRA adapters meet bf16 activations
+        return "bf16" if torch.cuda.is_available() or cfg.model.dtype == "bfloat16" else "fp32"
     return cfg.train.precision
 
 

@@ -2,6 +2,7 @@
 many processes, non-finite steps (kill-and-resume is in test_reliability.py). Oracles: transformers + PEFT."""
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -177,3 +178,15 @@ def test_evaluate_and_export_after_training_write_a_summary_and_a_plot(tmp_path,
     assert json.loads((run / "export" / "mxfp4" / "config.json").read_text())["quantization_config"]["quant_method"] == "mxfp4"
     png = (run / "loss.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 1000
+
+
+def test_bf16_weights_train_on_cpu(tmp_path, tiny_hf, small_data, capsys):
+    """model.dtype: bfloat16 on CPU (how the full-size 20b fits 24 GiB): the fp32 LoRA adapters meet
+    bf16 activations, so the run autocasts to bf16 as on a GPU (it failed with a dtype mismatch)."""
+    cfg = write_config(tmp_path, tiny_hf, small_data, model={"path": str(tiny_hf), "experts": "mxfp4",
+                                                             "dtype": "bfloat16"}, train={"eval_every": None})
+    assert main(["train", str(cfg)]) == 0
+    assert "precision bf16" in capsys.readouterr().out
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    losses = [r["loss"] for r in rows if "loss" in r]
+    assert len(losses) == 4 and all(math.isfinite(x) for x in losses) and losses[-1] < losses[0]
