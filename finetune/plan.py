@@ -359,7 +359,7 @@ def plan_run(*, config=None, overrides: list[str] = (), fit_gib: float | None = 
         if auto:
             kw["offload_experts"] = 0
         p = plan(**kw)
-        if auto:
+        if auto and p.device == "cuda":
             p.notes.append("the config says model.offload_experts: auto, which the trainer sizes to its GPU; "
                            "this plan offloads none (add --fit GIB for a GPU of GIB)")
         return p
