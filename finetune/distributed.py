@@ -83,6 +83,10 @@ def accelerator(*, mixed_precision: str) -> Accelerator:
         raise LaunchError("the launch asked for FSDP version 1; gptoss-ft shards with FSDP2 "
                           f"(fsdp_version: 2): {FSDP2_LAUNCH}")
     cpu = not torch.cuda.is_available()
+    if AcceleratorState._shared_state and PartialState().num_processes == 1:
+        # One process may train several times (tests, a notebook): accelerate keeps the first run's
+        # settings process-wide and refuses another mixed precision; a lone process starts afresh.
+        AcceleratorState._reset_state()
     if asked == "DeepSpeed" and cpu:
         # accelerate's own route to DeepSpeed without GPUs: not cpu=True (which means plain DDP), but
         # a gloo process group; DeepSpeed then runs on its CPU accelerator.
