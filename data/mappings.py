@@ -30,6 +30,10 @@ class RowMapping:
     fn: Callable[[Mapping], dict]
     """Row of the dataset -> row of the `messages`, `preference` or `prompts` format."""
 
+    def __post_init__(self):
+        if self.kind not in KINDS:
+            raise ValueError(f"mapping {self.name}: kind must be one of {', '.join(KINDS)}, got {self.kind!r}")
+
 
 def _column(row: Mapping, key: str, types=(str,)):
     if not isinstance(row, Mapping):

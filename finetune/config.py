@@ -597,32 +597,31 @@ def with_hardware(d: dict[str, Any], path: Path, overrides: list[str], *, check_
         hardware = None
     if hardware is None:
         return d, rest
-    try:
-        hw = yaml.safe_load(hardware.read_text())
-    except (FileNotFoundError, IsADirectoryError):
-        raise ConfigError(f"{path}: hardware: no such hardware file {hardware}") from None
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{hardware}: invalid YAML: {e}") from None
-    if not isinstance(hw, dict):
-        raise ConfigError(f"{hardware}: expected a mapping of config sections at the top level")
+    hw = _read_yaml(hardware, f"{path}: hardware: no such hardware file {hardware}")
     if "hardware" in hw:
         raise ConfigError(f"{hardware}: a hardware file names no other hardware file (found hardware: {hw['hardware']!r})")
     resolve_paths(hw, Path(os.path.abspath(hardware.parent)), check=check_paths)
     return _merged(hw, d), rest
 
 
-def load(path: str | Path, overrides: list[str] = (), *, check_paths: bool = True) -> Config:
-    """Read a YAML config, apply dotted overrides, validate. Errors name the file and the key.
-    Relative input paths in the file resolve against the file's directory (module docstring)."""
-    path = Path(path)
+def _read_yaml(path: Path, missing: str) -> dict[str, Any]:
+    """A config or hardware file's sections; errors name the file (`missing`: the message when it is not there)."""
     try:
         d = yaml.safe_load(path.read_text())
-    except FileNotFoundError:
-        raise ConfigError(f"{path}: no such config file") from None
+    except (FileNotFoundError, IsADirectoryError):
+        raise ConfigError(missing) from None
     except yaml.YAMLError as e:
         raise ConfigError(f"{path}: invalid YAML: {e}") from None
     if not isinstance(d, dict):
         raise ConfigError(f"{path}: expected a mapping of config sections at the top level")
+    return d
+
+
+def load(path: str | Path, overrides: list[str] = (), *, check_paths: bool = True) -> Config:
+    """Read a YAML config (with its hardware file), apply dotted overrides, validate. Errors name the
+    file and the key. Relative input paths in a file resolve against its directory (module docstring)."""
+    path = Path(path)
+    d = _read_yaml(path, f"{path}: no such config file")
     d, overrides = with_hardware(d, path, list(overrides), check_paths=check_paths)
     try:
         return from_dict(d, overrides, check_paths=check_paths, relative_to=path.parent)
