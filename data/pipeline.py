@@ -555,11 +555,12 @@ def load_pairs(
     prompt tokens (`render_for_completion` of the prompt), which is checked. A pair with a side longer
     than `max_seq_len` is dropped, or both sides are cut to it (`truncation="truncate"`; a side left
     with nothing trained drops the pair); a side with nothing to train drops the pair; all counted.
-    format: "preference", or a dataset mapping of that kind (`PAIR_FORMATS`). source, split, subset,
+    format: "preference" (also "auto"), or a dataset mapping of that kind (`PAIR_FORMATS`). source, split, subset,
     on_error, num_proc: as for `load_examples`; a first row with neither 'chosen' nor 'rejected' is
     an error whatever on_error says (the data is not preference data).
     """
-    _check("format", format, PAIR_FORMATS)
+    _check("format", format, ("auto", *PAIR_FORMATS))
+    format = PAIR_FORMATS[0] if format == "auto" else format
     _check("on_error", on_error, ON_ERROR)
     _check("loss_on", loss_on, LOSS_ON)
     _check("truncation", truncation, TRUNCATION)
@@ -650,12 +651,13 @@ def load_prompts(
     A row is `{"prompt": text or messages, ...}` (`data.formats.prompt_conversation`; the `system`,
     `developer`, `tools` and `reasoning_effort` columns apply); its ids are `render_prompt`'s, and
     every other column is kept in `columns` for reward functions. Prompts longer than
-    `max_prompt_len` tokens are dropped and counted. format: "prompts", or a dataset mapping of that
+    `max_prompt_len` tokens are dropped and counted. format: "prompts" (also "auto"), or a dataset mapping of that
     kind (`PROMPT_FORMATS`; the mapped row's columns reach the rewards). source, split, subset,
     on_error, num_proc: as for `load_examples`; a first row without 'prompt' is an error whatever
     on_error says.
     """
-    _check("format", format, PROMPT_FORMATS)
+    _check("format", format, ("auto", *PROMPT_FORMATS))
+    format = PROMPT_FORMATS[0] if format == "auto" else format
     _check("on_error", on_error, ON_ERROR)
     _check("reasoning_effort", reasoning_effort, (None, *REASONING_EFFORTS))
     get_tokenizer()

@@ -33,11 +33,10 @@ def calibration_ids(run: Run, n_tokens: int, source: str | None) -> list[list[in
     common = dict(split=d.split if d else "train", subset=d.subset if d else None, on_error="skip", reasoning_effort=d.reasoning_effort if d else None)
     # the token sequences the run trained on: examples, the chosen side of preference pairs, or prompts
     if run.objective == "dpo":
-        pairs, _ = datalib.load_pairs(source, d.format if d.format != "auto" else "preference", loss_on=d.loss_on, max_seq_len=d.max_seq_len, **common)
+        pairs, _ = datalib.load_pairs(source, d.format, loss_on=d.loss_on, max_seq_len=d.max_seq_len, **common)
         sequences = [p.chosen.input_ids for p in pairs]
     elif run.objective == "grpo":
-        fmt = d.format if d.format != "auto" else "prompts"
-        sequences = [p.prompt for p in datalib.load_prompts(source, fmt, **common)[0]]
+        sequences = [p.prompt for p in datalib.load_prompts(source, d.format, **common)[0]]
     else:
         examples, _ = datalib.load_examples(
             source, d.format if d else "auto", split_turns=d.split_turns if d else True,

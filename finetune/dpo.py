@@ -85,7 +85,7 @@ class DPO(Objective):
     def load(self, cfg) -> Data:
         d = cfg.data
         train, evals, report = load_split(cfg, lambda source, split: datalib.load_pairs(
-            source, "preference" if d.format == "auto" else d.format, split=split, subset=d.subset, on_error=d.on_error, loss_on=d.loss_on, reasoning_effort=d.reasoning_effort,
+            source, d.format, split=split, subset=d.subset, on_error=d.on_error, loss_on=d.loss_on, reasoning_effort=d.reasoning_effort,
             max_seq_len=d.max_seq_len, truncation=d.truncation), "preference pairs")
         # rows carry their split and index: the reference log-probs are looked up by them
         return Data([("train", i, p) for i, p in enumerate(train)], [("eval", i, p) for i, p in enumerate(evals)],

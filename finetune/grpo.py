@@ -61,7 +61,7 @@ class GRPO(Objective):
     def load(self, cfg) -> Data:
         d = cfg.data
         return Data(*load_split(cfg, lambda source, split: datalib.load_prompts(
-            source, "prompts" if d.format == "auto" else d.format, split=split, subset=d.subset, on_error=d.on_error, reasoning_effort=d.reasoning_effort,
+            source, d.format, split=split, subset=d.subset, on_error=d.on_error, reasoning_effort=d.reasoning_effort,
             max_prompt_len=cfg.grpo.max_prompt_len), "prompts"))
 
     def prepare(self, model, data: Data, accelerator, run) -> None:

@@ -198,7 +198,7 @@ def test_ultrafeedback_bad_row_is_named(tmp_path):
 def test_mapping_kind_must_suit_the_loader():
     with pytest.raises(DataError, match="format 'gsm8k' is not for supervised fine-tuning"):
         load_examples(FIXTURES / "gsm8k_train.jsonl", "gsm8k")
-    with pytest.raises(DataError, match="format must be one of prompts, gsm8k, got 'xlam'"):
+    with pytest.raises(DataError, match="format must be one of auto, prompts, gsm8k, got 'xlam'"):
         load_prompts(FIXTURES / "gsm8k_train.jsonl", "xlam")
 
 
