@@ -80,6 +80,14 @@ class ModelSection:
     """Seed of that random checkpoint."""
     gradient_checkpointing: bool = False
     """Recompute each decoder layer in backward instead of keeping its activations."""
+    offload_activations: bool = False
+    """Long context, with gradient checkpointing: the layer inputs that checkpointing keeps (one
+    [tokens, hidden] tensor per layer: 15 GiB for gpt-oss-20b at 128k tokens) wait in CPU memory
+    (pinned on GPU machines), copied back for each layer's backward. On a CPU run it changes nothing."""
+    moe_chunk_size: int | None = None
+    """Long context: run each MoE block over chunks of this many tokens, each recomputed in backward,
+    so no [tokens, intermediate] tensor of the whole sequence exists (the MoE's own activations grow
+    with the chunk, not the sequence); the MoE forward then runs once more. null: no chunking."""
     offload_embeddings: bool = True
     """LoRA on one GPU: keep the frozen input embedding table (1.1 GiB for gpt-oss) in CPU memory;
     each batch's rows are gathered there and copied over. Ignored on CPU and with several processes."""
@@ -509,6 +517,12 @@ def check_combinations(cfg: Config) -> None:
                               "and model.experts: mxfp4")
         if offload < 0:
             raise ConfigError(f"model.offload_experts must be at least 0 or auto, got {offload}")
+    if cfg.model.offload_activations and not cfg.model.gradient_checkpointing:
+        raise ConfigError("model.offload_activations keeps the layer inputs that gradient checkpointing saves "
+                          "in CPU memory: it needs model.gradient_checkpointing: true")
+    chunk = cfg.model.moe_chunk_size
+    if chunk is not None and chunk < 1:
+        raise ConfigError(f"model.moe_chunk_size must be a positive number of tokens or null, got {chunk}")
     if len(set(cfg.lora.targets)) != len(cfg.lora.targets):
         raise ConfigError(f"lora.targets has duplicates: {list(cfg.lora.targets)}")
     t = cfg.train

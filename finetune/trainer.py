@@ -83,7 +83,8 @@ def load_model(cfg: cfglib.Config, device: torch.device):
     if cfg.train.qat:
         modellib.set_qat(m, True)
     if cfg.model.gradient_checkpointing:
-        m.gradient_checkpointing_enable()
+        m.gradient_checkpointing_enable(offload_to_cpu=cfg.model.offload_activations)
+    m.moe_chunking(cfg.model.moe_chunk_size)
     return m
 
 

@@ -19,6 +19,7 @@ a boundary, and a position never learns to predict the first token of the next e
 
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass
 
@@ -194,6 +195,54 @@ def eager_attention(q, k, v, sinks, allowed, scale):
     return probs.to(v.dtype) @ v  # [B, nH, T, d]
 
 
+@dataclass(frozen=True)
+class SegmentMask:
+    """`attention_masks`' rule for one layer kind without its `[T, S]` tensor: the fused CPU kernel
+    runs over chunks of queries, and each chunk's additive bias is built from this and dropped.
+
+    Query i (at key position `offset + i`) sees key j when both lie in the same example, j is not
+    after it, and, with a window, fewer than `window` positions separate them. Built per chunk of c
+    queries, the bias costs c x S instead of T x S (32 GiB of int64 distances alone at 64k tokens)."""
+
+    segment: torch.Tensor
+    """[B or 1, S] int: which packed example each key position belongs to."""
+    window: int | None = None
+    """Sliding layers' window (the token itself and window - 1 before); None on full layers."""
+    offset: int = 0
+    """Key position of the first query (cached tokens before it when generating)."""
+
+    def key_range(self, q0: int, q1: int) -> tuple[int, int]:
+        """Keys [lo, hi) that queries [q0, q1) may see: none after the last, none before the window."""
+        hi = self.offset + q1
+        lo = max(0, self.offset + q0 - self.window + 1) if self.window else 0
+        return lo, hi
+
+    def bias(self, q0: int, q1: int, lo: int, hi: int, dtype: torch.dtype) -> torch.Tensor:
+        """Additive bias `[B or 1, 1, q1 - q0, hi - lo]`: 0 where allowed, -inf elsewhere."""
+        dev = self.segment.device
+        qpos = torch.arange(self.offset + q0, self.offset + q1, device=dev, dtype=torch.int32)
+        dist = qpos[:, None] - torch.arange(lo, hi, device=dev, dtype=torch.int32)[None, :]  # [c, S]
+        ok = dist >= 0
+        if self.window:
+            ok &= dist < self.window
+        del dist
+        seg = self.segment
+        ok = ok & (seg[:, self.offset + q0:self.offset + q1, None] == seg[:, None, lo:hi])  # [B, c, S]
+        return torch.zeros(ok.shape, dtype=dtype, device=dev).masked_fill_(~ok, float("-inf")).unsqueeze(1)
+
+
+def segment_masks(position_ids: torch.Tensor, config: GptOssConfig, past: int = 0) -> dict[str, SegmentMask]:
+    """`attention_masks` as `SegmentMask`s (no `[T, T]` tensor): for the fused CPU kernel. With `past`
+    cached tokens (generation), one unpacked sequence continues after them."""
+    if past:
+        segment = torch.zeros(1, past + position_ids.shape[1], dtype=torch.int32, device=position_ids.device)
+    else:
+        if (position_ids == position_ids[:1]).all():
+            position_ids = position_ids[:1]  # one mask serves every row
+        segment = (position_ids == 0).cumsum(-1, dtype=torch.int32)  # [B, T]
+    return {FULL: SegmentMask(segment, None, past), SLIDING: SegmentMask(segment, config.sliding_window, past)}
+
+
 class _SinkFlashAttentionCPU(torch.autograd.Function):
     """Fused attention with sinks on PyTorch's CPU flash kernel, which returns the log-sum-exp.
 
@@ -202,27 +251,51 @@ class _SinkFlashAttentionCPU(torch.autograd.Function):
     kernel's own backward run with lse' and the sinked output: it then recomputes the sinked
     probabilities exp(S - lse') and D = rowsum(dO * O) of the sinked softmax, which is exactly the
     gradient of softmax-with-sink. The sink's own gradient is -sum_rows p_sink * rowsum(dO * O).
+
+    The kernel runs over chunks of `chunk` queries against the keys they may see (`SegmentMask`):
+    the masks never exist at `[T, T]`, and sliding layers skip keys outside the window.
     """
 
     @staticmethod
-    def forward(ctx, q, k, v, sinks, bias, scale):
-        out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
-            q, k, v, 0.0, False, attn_mask=bias, scale=scale)  # out [B, nH, T, d], lse [B, nH, T] fp32
-        lse_all = torch.logaddexp(lse, sinks.float().view(1, -1, 1))
-        y = out * torch.exp(lse - lse_all).unsqueeze(-1).to(out.dtype)
-        ctx.save_for_backward(q, k, v, sinks, bias, y, lse_all)
-        ctx.scale = scale
+    def forward(ctx, q, k, v, sinks, mask: SegmentMask, scale, chunk: int):
+        b, _, t, _ = q.shape
+        y = torch.empty_like(q)
+        lse_dtype = torch.promote_types(q.dtype, torch.float32)  # the kernel's: fp32, or fp64 for fp64
+        lse_all = q.new_empty(q.shape[:3], dtype=lse_dtype)  # [B, nH, T]
+        s = sinks.to(lse_dtype).view(1, -1, 1)
+        for q0 in range(0, t, chunk):
+            q1 = min(t, q0 + chunk)
+            lo, hi = mask.key_range(q0, q1)
+            bias = mask.bias(q0, q1, lo, hi, q.dtype).expand(b, 1, q1 - q0, hi - lo)
+            out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+                q[:, :, q0:q1], k[:, :, lo:hi], v[:, :, lo:hi], 0.0, False, attn_mask=bias, scale=scale)
+            la = torch.logaddexp(lse, s)
+            y[:, :, q0:q1] = out * torch.exp(lse - la).unsqueeze(-1).to(out.dtype)
+            lse_all[:, :, q0:q1] = la
+        ctx.save_for_backward(q, k, v, sinks, y, lse_all)
+        ctx.mask, ctx.scale, ctx.chunk = mask, scale, chunk
         return y
 
     @staticmethod
     def backward(ctx, grad):
-        q, k, v, sinks, bias, y, lse_all = ctx.saved_tensors
-        grad = grad.contiguous()
-        dq, dk, dv = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
-            grad, q, k, v, y, lse_all, 0.0, False, attn_mask=bias, scale=ctx.scale)
-        p_sink = torch.exp(sinks.float().view(1, -1, 1) - lse_all)  # [B, nH, T]
-        dsinks = -(p_sink * (grad.float() * y.float()).sum(-1)).sum((0, 2))
-        return dq, dk, dv, dsinks.to(sinks.dtype), None, None
+        q, k, v, sinks, y, lse_all = ctx.saved_tensors
+        mask, b, t = ctx.mask, q.shape[0], q.shape[2]
+        dq, dk, dv = torch.empty_like(q), torch.zeros_like(k), torch.zeros_like(v)
+        dsinks = torch.zeros(q.shape[1], dtype=lse_all.dtype, device=q.device)
+        for q0 in range(0, t, ctx.chunk):
+            q1 = min(t, q0 + ctx.chunk)
+            lo, hi = mask.key_range(q0, q1)
+            bias = mask.bias(q0, q1, lo, hi, q.dtype).expand(b, 1, q1 - q0, hi - lo)
+            g, yc, la = grad[:, :, q0:q1].contiguous(), y[:, :, q0:q1].contiguous(), lse_all[:, :, q0:q1].contiguous()
+            dqc, dkc, dvc = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
+                g, q[:, :, q0:q1], k[:, :, lo:hi], v[:, :, lo:hi], yc, la, 0.0, False, attn_mask=bias,
+                scale=ctx.scale)
+            dq[:, :, q0:q1] = dqc
+            dk[:, :, lo:hi] += dkc
+            dv[:, :, lo:hi] += dvc
+            p_sink = torch.exp(sinks.to(la.dtype).view(1, -1, 1) - la)  # [B, nH, c]
+            dsinks -= (p_sink * (g.to(la.dtype) * yc.to(la.dtype)).sum(-1)).sum((0, 2))
+        return dq, dk, dv, dsinks.to(sinks.dtype), None, None, None
 
 
 def flex_block_masks(position_ids: torch.Tensor, config: GptOssConfig) -> dict:
@@ -288,6 +361,9 @@ class Attention(nn.Module):
         self.scale = d ** -0.5
         self.layer_idx = layer_idx
 
+    query_chunk = 512
+    """Queries per call of the fused CPU kernel: each call's bias is query_chunk x keys (`SegmentMask`)."""
+
     def forward(self, x, cos, sin, masks: dict, impl: str, cache: KVCache | None = None) -> torch.Tensor:
         b, t, _ = x.shape
         q = apply_rotary(self.q_proj(x).view(b, t, self.num_heads, self.head_dim), cos, sin)
@@ -304,8 +380,8 @@ class Attention(nn.Module):
             return self.o_proj(out.transpose(1, 2).reshape(b, t, self.num_heads * self.head_dim))
         k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
         if impl == "sdpa":
-            bias = mask.expand(b, 1, t, k.shape[2])
-            out = _SinkFlashAttentionCPU.apply(q.contiguous(), k.contiguous(), v.contiguous(), self.sinks, bias, self.scale)
+            out = _SinkFlashAttentionCPU.apply(q.contiguous(), k.contiguous(), v.contiguous(), self.sinks, mask,
+                                               self.scale, self.query_chunk)
         else:
             out = eager_attention(q, k, v, self.sinks, mask, self.scale)
         return self.o_proj(out.transpose(1, 2).reshape(b, t, self.num_heads * self.head_dim))
@@ -319,14 +395,30 @@ class MLPBlock(nn.Module):
         self.top_k = config.num_experts_per_tok
         self.router = nn.Linear(config.hidden_size, config.num_local_experts, bias=True, device=device, dtype=dtype)
         self.experts = Experts(config, fmt=experts, device=device, dtype=dtype)
+        self.chunk_size: int | None = None
+        """Tokens per MoE chunk (`GptOssForCausalLM.moe_chunking`); None: the whole batch at once."""
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """x [B, T, H] -> (y [B, T, H], router logits [B*T, E])."""
         flat = x.reshape(-1, x.shape[-1])
+        if not self.chunk_size or flat.shape[0] <= self.chunk_size:
+            y, logits = self._route(flat)
+            return y.view_as(x), logits
+        # Each chunk under its own checkpoint: backward keeps only the chunk's input (a view of x)
+        # and recomputes its routing and experts, so no [tokens, intermediate] tensor of the whole
+        # batch exists in forward or backward. Under layer checkpointing the MoE forward runs three
+        # times (forward, the layer's recompute, the chunk's recompute): compute for memory.
+        grad = torch.is_grad_enabled()
+        parts = [checkpoint(self._route, part, use_reentrant=False) if grad else self._route(part)
+                 for part in flat.split(self.chunk_size)]
+        return torch.cat([y for y, _ in parts]).view_as(x), torch.cat([logits for _, logits in parts])
+
+    def _route(self, flat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """flat [N, H] -> (y [N, H], router logits [N, E])."""
         logits = self.router(flat)  # [N, E]
         top, idx = torch.topk(logits, self.top_k, dim=-1, sorted=True)  # [N, k]
-        weights = torch.softmax(top.float(), dim=-1).to(x.dtype)  # softmax over the chosen k only
-        return self.experts(flat, idx, weights).view_as(x), logits
+        weights = torch.softmax(top.float(), dim=-1).to(flat.dtype)  # softmax over the chosen k only
+        return self.experts(flat, idx, weights), logits
 
 
 class DecoderLayer(nn.Module):
@@ -392,6 +484,37 @@ def load_balancing_loss(router_logits: list[torch.Tensor], num_experts: int, top
     return num_experts * torch.sum((counts / rows) * (prob_sum / rows))
 
 
+class OffloadedSaves(torch.autograd.graph.saved_tensors_hooks):
+    """Saved-tensor hooks that keep what is saved under them in CPU memory until backward needs it.
+
+    Entered around each checkpointed decoder layer, they hold the layer's inputs: checkpointing saves
+    them (outside its own hooks) and recomputes everything else, so with these the accelerator keeps
+    no [tokens, hidden] tensor per layer between forward and backward. A tensor already in CPU memory
+    is kept as it is (no copy): on a CPU run the hooks run and change nothing. Copies go to pinned
+    memory when CUDA is present, synchronously (as `torch.autograd.graph.save_on_cpu` does)."""
+
+    def __init__(self):
+        self.packed = 0
+        """Tensors packed so far (what tests check to see that the path ran)."""
+        self.offloaded_bytes = 0
+        """Bytes of those that were copied to CPU memory (0 on a CPU run)."""
+        super().__init__(self._pack, self._unpack)
+
+    def _pack(self, t: torch.Tensor):
+        self.packed += 1
+        if t.device.type == "cpu":
+            return None, t
+        host = torch.empty(t.size(), dtype=t.dtype, layout=t.layout, pin_memory=torch.cuda.is_available())
+        host.copy_(t)
+        self.offloaded_bytes += t.numel() * t.element_size()
+        return t.device, host
+
+    @staticmethod
+    def _unpack(packed) -> torch.Tensor:
+        device, t = packed
+        return t if device is None else t.to(device, non_blocking=True)
+
+
 class GptOssForCausalLM(nn.Module):
     """gpt-oss with HF parameter names; `experts` "mxfp4" (frozen MXFP4 buffers) or "dequantized" (dense)."""
 
@@ -410,6 +533,8 @@ class GptOssForCausalLM(nn.Module):
             self.lm_head.weight = self.model.embed_tokens.weight
         self.attn_implementation = attn_implementation
         self.gradient_checkpointing = False
+        self.activation_offload: OffloadedSaves | None = None
+        """With gradient checkpointing and `offload_to_cpu`: the hooks holding the layer inputs."""
         self.lora_settings: LoraSettings | None = None
         """The LoRA adapters attached by `model.lora.add_lora` (None without adapters)."""
 
@@ -424,12 +549,23 @@ class GptOssForCausalLM(nn.Module):
             raise ValueError(f"attn_implementation must be one of {ATTN_IMPLEMENTATIONS}, got {impl!r}")
         self._attn_implementation = impl
 
-    def gradient_checkpointing_enable(self) -> None:
-        """Recompute each decoder layer in backward instead of keeping its activations."""
+    def gradient_checkpointing_enable(self, *, offload_to_cpu: bool = False) -> None:
+        """Recompute each decoder layer in backward instead of keeping its activations; with
+        `offload_to_cpu`, the layer inputs that checkpointing keeps wait in CPU memory (`OffloadedSaves`)."""
         self.gradient_checkpointing = True
+        self.activation_offload = OffloadedSaves() if offload_to_cpu else None
 
     def gradient_checkpointing_disable(self) -> None:
         self.gradient_checkpointing = False
+        self.activation_offload = None
+
+    def moe_chunking(self, tokens: int | None) -> None:
+        """Run every MoE block over chunks of `tokens` tokens, each checkpointed (`MLPBlock.forward`);
+        None: the whole batch at once. Same outputs and gradients, bounded MoE activations."""
+        if tokens is not None and (isinstance(tokens, bool) or not isinstance(tokens, int) or tokens < 1):
+            raise ValueError(f"moe_chunking takes a positive number of tokens or None, got {tokens!r}")
+        for layer in self.model.layers:
+            layer.mlp.chunk_size = tokens
 
     def _impl_for(self, x: torch.Tensor, cache: KVCache | None) -> str:
         impl = self._attn_implementation
@@ -479,17 +615,17 @@ class GptOssForCausalLM(nn.Module):
         cos, sin = self.model.rotary(position_ids, x.dtype)
         if impl == "flex":
             masks = flex_block_masks(position_ids, self.config)
+        elif impl == "sdpa":  # chunks of queries, each with its own small bias
+            masks = segment_masks(position_ids, self.config, past)
         elif cache is None:
             masks = attention_masks(position_ids, self.config)
         else:
             masks = cached_attention_masks(t, past, self.config, device=x.device)
-        if impl == "sdpa":  # the flash kernel takes an additive bias of the query dtype
-            masks = {kind: torch.zeros(m.shape, dtype=x.dtype, device=x.device).masked_fill_(~m, float("-inf"))
-                     for kind, m in masks.items()}
         router_logits = []
         for layer in self.model.layers:
             if self.gradient_checkpointing and torch.is_grad_enabled():
-                x, logits = checkpoint(layer, x, cos, sin, masks, impl, use_reentrant=False)
+                with self.activation_offload or contextlib.nullcontext():
+                    x, logits = checkpoint(layer, x, cos, sin, masks, impl, use_reentrant=False)
             else:
                 x, logits = layer(x, cos, sin, masks, impl, cache)
             router_logits.append(logits)
