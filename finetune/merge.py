@@ -24,7 +24,7 @@ import torch
 from model import mxfp4
 from model.checkpoint import expected_shapes
 from model.experts import EXPERT_PROJS, lora_per_expert, swiglu_reference
-from model.gptq import gptq_quantize
+from model.gptq import batch_size_for, gptq_quantize
 
 from .calibration import Calibration, ExpertInputs, calibration_ids, expert_gram, weighted_gram
 from .run import Run
@@ -141,46 +141,61 @@ def _dense_experts(run: Run, layer: int, proj: str) -> torch.Tensor:
 def _mxfp4_experts(run: Run, layer: int, inputs: ExpertInputs | None,
                    report: ExportReport) -> Iterator[tuple[str, torch.Tensor]]:
     """The layer's experts as MXFP4 `_blocks`/`_scales`: unchanged experts keep the base's
-    bytes, changed ones are requantized (GPTQ when `inputs` holds calibration activations)."""
+    bytes, changed ones are requantized (GPTQ when `inputs` holds calibration activations).
+
+    Experts go through in groups of `gptq.batch_size_for` (GPTQ rounds a group's matrices together),
+    so only a group's tuned weights and grams are held in fp32, not the layer's."""
     prefix = f"model.layers.{layer}.mlp.experts."
     cfg = run.config
     gate_up, down = _ExpertSource(run, layer, "gate_up_proj"), _ExpertSource(run, layer, "down_proj")
     b1 = run.source.get(prefix + "gate_up_proj_bias", torch.float32)  # [E, 2I]
     out = {p: ([], []) for p in EXPERT_PROJS}
-    for e in range(cfg.num_local_experts):
-        w1, changed1 = gate_up.weight(e)  # [2I, H]
-        x, gram1 = None, None
-        if inputs is not None:
-            x, gram1 = expert_gram(inputs, e)
-        _append(out["gate_up_proj"], gate_up, e, w1, changed1, gram1, report)
-        w2, changed2 = down.weight(e)  # [H, I]
-        gram2 = None
-        if x is not None and changed2:
-            # The down projection's inputs under the tuned gate_up (what the tuned model feeds it).
-            act = swiglu_reference(x @ w1.t() + b1[e], cfg.swiglu_limit)  # [n, I]
-            gram2 = weighted_gram(act, inputs.weights_for(e))
-        _append(out["down_proj"], down, e, w2, changed2, gram2, report)
+    group = batch_size_for(2 * cfg.intermediate_size, cfg.hidden_size)
+    for first in range(0, cfg.num_local_experts, group):
+        experts = range(first, min(first + group, cfg.num_local_experts))
+        ups, xs = {}, {}
+        for e in experts:
+            w1, changed1 = gate_up.weight(e)  # [2I, H]
+            xs[e], gram1 = expert_gram(inputs, e) if inputs is not None else (None, None)
+            ups[e] = (w1, changed1, gram1)
+        _requantize(gate_up, ups, out["gate_up_proj"], report)
+        downs = {}
+        for e in experts:
+            w2, changed2 = down.weight(e)  # [H, I]
+            gram2 = None
+            if xs[e] is not None and changed2:
+                # The down projection's inputs under the tuned gate_up (what the tuned model feeds it).
+                act = swiglu_reference(xs[e] @ ups[e][0].t() + b1[e], cfg.swiglu_limit)  # [n, I]
+                gram2 = weighted_gram(act, inputs.weights_for(e))
+            downs[e] = (w2, changed2, gram2)
+        del ups, xs
+        _requantize(down, downs, out["down_proj"], report)
     for proj in EXPERT_PROJS:
         blocks, scales = out[proj]
         yield prefix + proj + "_blocks", torch.stack(blocks)
         yield prefix + proj + "_scales", torch.stack(scales)
 
 
-def _append(dest, src: _ExpertSource, e: int, w: torch.Tensor, changed: bool, gram, report: ExportReport) -> None:
-    blocks, scales = dest
-    if not changed and src.base_mxfp4:
-        blocks.append(src.blocks[e].clone())
-        scales.append(src.scales[e].clone())
-        report.experts_copied += 1
-        return
-    base_scales = src.scales[e] if src.base_mxfp4 else None
-    if not changed:  # a dense base: there are no bytes to keep, and nothing learned to protect
-        b, s = mxfp4.quantize(w)
-    elif gram is None:
-        b, s = mxfp4.quantize(w)
-        report.experts_requantized += 1
-    else:
-        b, s = gptq_quantize(w, gram, keep_scales=base_scales)
-        report.experts_requantized += 1
-    blocks.append(b)
-    scales.append(s)
+def _requantize(src: _ExpertSource, experts: dict, dest, report: ExportReport) -> None:
+    """Append to `dest` (blocks, scales lists) the MXFP4 of each expert in `experts` (e -> tuned
+    weight, changed, gram or None), in order: the base's bytes when unchanged, GPTQ (all of the
+    group's at once) when changed with calibration inputs, nearest rounding otherwise."""
+    done, gptq = {}, []
+    for e, (w, changed, gram) in experts.items():
+        if not changed and src.base_mxfp4:
+            done[e] = (src.blocks[e].clone(), src.scales[e].clone())
+            report.experts_copied += 1
+        elif changed and gram is not None:
+            gptq.append(e)
+            report.experts_requantized += 1
+        else:  # a dense base's unchanged expert has no bytes to keep and nothing learned to protect
+            done[e] = mxfp4.quantize(w)
+            report.experts_requantized += changed
+    if gptq:
+        keep = torch.stack([src.scales[e] for e in gptq]) if src.base_mxfp4 else None
+        blocks, scales = gptq_quantize(torch.stack([experts[e][0] for e in gptq]),
+                                       torch.stack([experts[e][2] for e in gptq]), keep_scales=keep)
+        done.update({e: (b, s) for e, b, s in zip(gptq, blocks, scales)})
+    for e in experts:
+        dest[0].append(done[e][0])
+        dest[1].append(done[e][1])
