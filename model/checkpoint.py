@@ -13,6 +13,7 @@ import math
 import os
 import re
 import shutil
+import struct
 import uuid
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
@@ -20,7 +21,6 @@ from pathlib import Path
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 
 from . import mxfp4
 from .config import GptOssConfig
@@ -369,6 +369,50 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+_SAFETENSORS_DTYPES = {torch.float64: "F64", torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16",
+                       torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8",
+                       torch.uint8: "U8", torch.bool: "BOOL"}
+
+
+class _ShardFile:
+    """One safetensors file written as tensors arrive: each tensor's bytes go to disk when added, so
+    a writer holds no tensor after `add` returns (safetensors' `save_file` needs every tensor of the
+    shard in memory, plus a serialised copy). The header, which precedes the data in the format,
+    is known only at the end: `finish` writes it and then moves the data behind it with the
+    kernel's file-to-file copy."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.data = open(path.with_suffix(".data"), "wb")
+        self.entries: dict[str, dict] = {}
+        self.size = 0
+
+    def add(self, name: str, tensor: torch.Tensor) -> None:
+        if tensor.dtype not in _SAFETENSORS_DTYPES:
+            raise CheckpointError(f"tensor {name!r}: dtype {tensor.dtype} has no safetensors type")
+        nbytes = tensor.numel() * tensor.element_size()
+        if nbytes:
+            self.data.write(memoryview(tensor.reshape(-1).view(torch.uint8).numpy()))
+        self.entries[name] = {"dtype": _SAFETENSORS_DTYPES[tensor.dtype], "shape": list(tensor.shape),
+                              "data_offsets": [self.size, self.size + nbytes]}
+        self.size += nbytes
+
+    def finish(self) -> list[str]:
+        """Write the file (header, then the data) and return its tensor names."""
+        self.data.close()
+        header = json.dumps({"__metadata__": {"format": "pt"}, **self.entries}, separators=(",", ":")).encode()
+        header += b" " * (-len(header) % 8)  # the data starts 8-byte aligned, as safetensors writes it
+        data_path = Path(self.data.name)
+        with open(self.path, "wb") as out, open(data_path, "rb") as src:
+            out.write(struct.pack("<Q", len(header)) + header)
+            out.flush()
+            left = self.size
+            while left:
+                left -= os.copy_file_range(src.fileno(), out.fileno(), min(left, 1 << 30))
+        data_path.unlink()
+        return list(self.entries)
+
+
 class CheckpointWriter:
     """Streams tensors (by HF name) into a checkpoint directory that appears only when complete.
 
@@ -389,8 +433,7 @@ class CheckpointWriter:
         self.config = config
         self.layout = layout
         self.max_shard_bytes = max_shard_bytes
-        self._pending: dict[str, torch.Tensor] = {}
-        self._pending_bytes = 0
+        self._pending: _ShardFile | None = None
         self._total_bytes = 0
         self._shards: list[list[str]] = []
         self._qkv: dict[tuple[int, str], dict[str, torch.Tensor]] = {}
@@ -405,13 +448,14 @@ class CheckpointWriter:
             if name is None:
                 return
         tensor = tensor.detach().to("cpu").contiguous()
-        if name in self._pending or any(name in s for s in self._shards):
+        if (self._pending is not None and name in self._pending.entries) or any(name in s for s in self._shards):
             raise CheckpointError(f"tensor {name!r} written twice")
         size = tensor.numel() * tensor.element_size()
-        if self._pending and self._pending_bytes + size > self.max_shard_bytes:
+        if self._pending is not None and self._pending.entries and self._pending.size + size > self.max_shard_bytes:
             self._flush()
-        self._pending[name] = tensor
-        self._pending_bytes += size
+        if self._pending is None:
+            self._pending = _ShardFile(self.tmp / f"shard-{len(self._shards)}.safetensors")
+        self._pending.add(name, tensor)
         self._total_bytes += size
 
     def _to_original(self, name: str, tensor: torch.Tensor):
@@ -434,13 +478,10 @@ class CheckpointWriter:
         return f"block.{layer}.attn.qkv.{q.group(2)}", torch.cat([parts["q"], parts["k"], parts["v"]], 0)
 
     def _flush(self) -> None:
-        if not self._pending:
+        if self._pending is None:
             return
-        n = len(self._shards)
-        save_file(self._pending, str(self.tmp / f"shard-{n}.safetensors"), metadata={"format": "pt"})
-        self._shards.append(list(self._pending))
-        self._pending = {}
-        self._pending_bytes = 0
+        self._shards.append(self._pending.finish())
+        self._pending = None
 
     def close(self) -> Path:
         if self._qkv:
@@ -467,6 +508,8 @@ class CheckpointWriter:
         return self.final
 
     def abort(self) -> None:
+        if self._pending is not None:
+            self._pending.data.close()
         shutil.rmtree(self.tmp, ignore_errors=True)
         self._closed = True
 

@@ -72,6 +72,38 @@ def test_sharded_write_has_an_index_and_reads_back(tiny_hf, tmp_path):
         assert torch.equal(src.get(name), back.get(name)), name
 
 
+def test_writer_streams_each_tensor_to_disk_in_safetensors_format(tmp_path):
+    """Each tensor goes to disk when added (the writer keeps no reference: its memory is one tensor,
+    not a shard), and safetensors itself reads back every dtype and shape, 0-d and empty included."""
+    import gc
+    import weakref
+
+    from safetensors import safe_open
+
+    cfg = preset("tiny")
+    gen = torch.Generator().manual_seed(0)
+    tensors = {"f32": torch.randn(3, 5, generator=gen), "bf16": torch.randn(7, generator=gen).bfloat16(),
+               "f16": torch.randn(2, 2, generator=gen).half(), "u8": torch.randint(0, 255, (4, 3, 2), dtype=torch.uint8),
+               "i64": torch.arange(5), "bool": torch.tensor([True, False, True]), "scalar": torch.tensor(2.5),
+               "empty": torch.zeros(0, 4), "big": torch.randn(64, 64, generator=gen)}
+    with CheckpointWriter(tmp_path / "ck", cfg, max_shard_bytes=10_000) as w:
+        for name, t in tensors.items():
+            t = t.clone()
+            ref = weakref.ref(t)
+            w.add(name, t)
+            del t
+            gc.collect()
+            assert ref() is None, f"the writer still holds {name}"
+        out = w.close()
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    assert sorted(index["weight_map"]) == sorted(tensors) and len(set(index["weight_map"].values())) == 2
+    assert not list(out.glob("*.data")), "no staging file is left"
+    for name, t in tensors.items():
+        with safe_open(str(out / index["weight_map"][name]), "pt") as f:
+            got = f.get_tensor(name)
+        assert got.dtype == t.dtype and torch.equal(got, t), name
+
+
 def test_transformers_loads_our_mxfp4_checkpoint_with_identical_experts(tiny_hf):
     transformers = pytest.importorskip("transformers")
     model = transformers.GptOssForCausalLM.from_pretrained(
