@@ -301,7 +301,8 @@ def _export(args: argparse.Namespace) -> int:
     from .export import export
 
     r = export(args.run_dir, args.format, args.out, base=args.base, layout=args.layout, requant=args.requant,
-               calib_tokens=args.calib_tokens, calib_data=args.calib_data)
+               calib_tokens=args.calib_tokens, calib_data=args.calib_data,
+               progress=lambda line: print(line, file=sys.stderr, flush=True))
     if args.format == "gguf":
         print(f"wrote {r.path} ({r.tensors} tensors; {r.experts_copied} expert projections copied, "
               f"{r.experts_requantized} requantized) and {r.modelfile}")

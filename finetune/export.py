@@ -31,14 +31,14 @@ _SIDE_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.js
 
 def export(run_dir, fmt: str, out, *, base: str | None = None, layout: str = "hf", requant: str = "gptq",
            calib_tokens: int = 2048, calib_data: str | None = None,
-           max_shard_bytes: int = DEFAULT_SHARD_BYTES) -> ExportReport:
+           max_shard_bytes: int = DEFAULT_SHARD_BYTES, progress=None) -> ExportReport:
     """Write `fmt` (one of FORMATS) for the run in `run_dir` to `out`: a directory, or for "gguf" a
     FILE.gguf with an Ollama Modelfile beside it (`run_dir` may then also be a checkpoint).
 
     base: the base checkpoint when not the run's `model.path`. layout: "hf" or "original" (OpenAI's,
     MXFP4 experts only). requant: "gptq" (error-aware, the default) or "nearest" (plain round to
     nearest, for comparison). calib_tokens / calib_data: how many training tokens, from which file
-    (default: the run's `data.train`), GPTQ sees.
+    (default: the run's `data.train`), GPTQ sees. progress: called with a line per finished layer.
     """
     if fmt not in FORMATS:
         raise ExportError(f"unknown export format {fmt!r}; choose from {', '.join(FORMATS)}")
@@ -50,7 +50,8 @@ def export(run_dir, fmt: str, out, *, base: str | None = None, layout: str = "hf
     if fmt == "gguf":
         if layout != "hf":
             raise ExportError("--layout applies to checkpoint exports, not to GGUF")
-        return export_gguf(run_dir, out, base=base, requant=requant, calib_tokens=calib_tokens, calib_data=calib_data)
+        return export_gguf(run_dir, out, base=base, requant=requant, calib_tokens=calib_tokens, calib_data=calib_data,
+                           progress=progress)
     run = open_run(run_dir, base)
     if fmt == "adapter":
         if layout != "hf":
@@ -62,7 +63,7 @@ def export(run_dir, fmt: str, out, *, base: str | None = None, layout: str = "hf
     cfg = run.config.replace(quantization_config=dict(MXFP4_QUANTIZATION_CONFIG) if fmt == "mxfp4" else None)
     with CheckpointWriter(out, cfg, layout=layout, max_shard_bytes=max_shard_bytes) as writer:
         for name, tensor in merged_tensors(run, fmt, report, requant=requant, calib_tokens=calib_tokens,
-                                           calib_data=calib_data):
+                                           calib_data=calib_data, progress=progress):
             writer.add(name, tensor)
         if layout == "hf":
             for fname in _SIDE_FILES:

@@ -520,7 +520,8 @@ class GgufReport(ExportReport):
 
 
 def export_gguf(source, out, *, base: str | None = None, requant: str = "gptq", calib_tokens: int = 2048,
-                calib_data: str | None = None, name: str | None = None, modelfile_out: bool = True) -> GgufReport:
+                calib_data: str | None = None, name: str | None = None, modelfile_out: bool = True,
+                progress=None) -> GgufReport:
     """Write the merged model of `source` (a run directory, or a checkpoint directory) to the GGUF
     file `out`, and an Ollama `Modelfile` beside it. Experts training changed are requantized as
     `--format mxfp4` does (`requant`, `calib_tokens`, `calib_data` mean the same); unchanged ones
@@ -538,7 +539,8 @@ def export_gguf(source, out, *, base: str | None = None, requant: str = "gptq", 
     else:
         raise ExportError(f"{source}: neither a run directory (config.yaml) nor a checkpoint (config.json)")
     report = GgufReport(out, "gguf")
-    tensors = merged_tensors(run, "mxfp4", report, requant=requant, calib_tokens=calib_tokens, calib_data=calib_data)
+    tensors = merged_tensors(run, "mxfp4", report, requant=requant, calib_tokens=calib_tokens, calib_data=calib_data,
+                             progress=progress)
     # Always gptoss-ft's template, never the base's: it renders what the model was tuned on (OpenAI's
     # adds a current date and declares tools its own way).
     report.tensors = write_gguf(out, run.config, tensors,

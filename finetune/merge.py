@@ -15,7 +15,8 @@ Requantization (docs/ARCHITECTURE.md §6), for experts in MXFP4:
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -43,17 +44,22 @@ class ExportReport:
 
 
 def merged_tensors(run: Run, fmt: str, report: ExportReport, *, requant: str = "gptq", calib_tokens: int = 2048,
-                   calib_data: str | None = None) -> Iterator[tuple[str, torch.Tensor]]:
+                   calib_data: str | None = None,
+                   progress: Callable[[str], None] | None = None) -> Iterator[tuple[str, torch.Tensor]]:
     """Every tensor of the merged model (`fmt` "merged": dense bf16 experts; "mxfp4": experts in
     MXFP4, changed ones requantized by `requant`) in checkpoint order, computed one layer at a time.
-    `export` and the GGUF writer consume it; `report` gets the counts."""
+    `export` and the GGUF writer consume it; `report` gets the counts; `progress` a line per layer
+    (a full-size GPTQ export takes a while)."""
     calib = None
     if fmt == "mxfp4" and requant == "gptq" and (run.lora or run.tuned is not None):
         calib = Calibration(run, calibration_ids(run, calib_tokens, calib_data), _merged_f32)
         report.calibration_tokens = calib.n_tokens
     cfg = run.config
     names = list(expected_shapes(cfg, experts="dequantized"))
+    start = time.perf_counter()
     for layer in range(cfg.num_hidden_layers):
+        if progress is not None and layer:
+            progress(f"export: {layer}/{cfg.num_hidden_layers} layers done ({time.perf_counter() - start:.0f} s)")
         prefix = f"model.layers.{layer}."
         if layer == 0:
             yield from ((n, _merged(run, n)) for n in names if not n.startswith("model.layers."))
