@@ -333,6 +333,10 @@ def _plan_args(p: argparse.ArgumentParser) -> None:
                    help="layers whose MXFP4 experts stay in CPU memory (model.offload_experts), default 0")
     p.add_argument("--no-offload-embeddings", action="store_true",
                    help="keep the input embedding on the GPU (model.offload_embeddings: false)")
+    p.add_argument("--offload-activations", action="store_true",
+                   help="checkpointed layer inputs in CPU memory (model.offload_activations; long context)")
+    p.add_argument("--moe-chunk-size", type=int, default=None, metavar="TOKENS",
+                   help="the MoE over chunks of TOKENS tokens (model.moe_chunk_size; long context)")
     p.add_argument("--fit", type=float, default=None, metavar="GIB",
                    help="offload the fewest expert layers that bring the peak to GIB or less")
     p.add_argument("--json", action="store_true", help='print {"peak_gib": ..., "breakdown": {...}} instead of a table')
@@ -347,7 +351,8 @@ def _plan(args: argparse.Namespace) -> int:
                  method=args.method, seq_len=args.seq_len, batch_size=args.batch_size,
                  gradient_checkpointing=args.gradient_checkpointing or None, lora_r=args.lora_r,
                  offload_experts=args.offload_experts, offload_embeddings=False if args.no_offload_embeddings else None,
-                 gpus=args.gpus, device=args.device, dtype=args.dtype)
+                 gpus=args.gpus, device=args.device, dtype=args.dtype,
+                 offload_activations=args.offload_activations or None, moe_chunk_size=args.moe_chunk_size)
     if args.json:
         print(json.dumps(p.to_dict(), indent=2))
     else:

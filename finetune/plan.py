@@ -48,7 +48,7 @@ from torch import nn
 
 from model.config import PRESETS, GptOssConfig
 from model.lora import TARGETS, add_lora, is_lora_name
-from model.modeling import GptOssForCausalLM
+from model.modeling import Attention, GptOssForCausalLM
 
 from . import config as cfglib
 
@@ -68,6 +68,7 @@ CPU_FRAMEWORK_BYTES = 419 * 2 ** 20
 # slack; not measured here (no GPU on the dev box): the usual figure, stated as such.
 CUDA_FRAMEWORK_BYTES = 1 * GIB
 LOGITS_CHUNK = GptOssForCausalLM.logits_chunk_size
+ATTENTION_QUERY_CHUNK = Attention.query_chunk
 
 
 @dataclass
@@ -81,6 +82,8 @@ class Plan:
     gradient_checkpointing: bool
     lora_r: int
     offload_experts: int = 0
+    offload_activations: bool = False
+    moe_chunk_size: int | None = None
     breakdown: dict[str, int] = field(default_factory=dict)
     """bytes per device, per term"""
     notes: list[str] = field(default_factory=list)
@@ -93,7 +96,8 @@ class Plan:
         return {"model": self.model, "method": self.method, "device": self.device, "gpus": self.gpus,
                 "seq_len": self.seq_len, "batch_size": self.batch_size,
                 "gradient_checkpointing": self.gradient_checkpointing, "lora_r": self.lora_r,
-                "offload_experts": self.offload_experts,
+                "offload_experts": self.offload_experts, "offload_activations": self.offload_activations,
+                "moe_chunk_size": self.moe_chunk_size,
                 "peak_gib": round(self.peak_bytes / GIB, 3),
                 "breakdown": {k: round(v / GIB, 3) for k, v in self.breakdown.items()}, "notes": self.notes}
 
@@ -163,26 +167,104 @@ def _counts(c: GptOssConfig, experts: str, lora_r: int = 0, lora_targets: tuple[
     return _module_counts(json.dumps(dataclasses.asdict(c), sort_keys=True), experts, lora_r, lora_targets)
 
 
-def _layer_activations(c: GptOssConfig, device: str) -> int:
-    """Elements one decoder layer keeps for backward, per token (fused attention, our MoE):
-    2 RMSNorms (input + normalised, 2H each); attention, on CPU (flash kernel): q before/after RoPE,
-    k before RoPE, v, the kernel's contiguous q and GQA-repeated k, v, its output and o_proj's input
-    (7 nH d + 2 nKV d); on CUDA (flex, GQA without repeats): q and k before/after RoPE, v, the
-    output before and after the sink scaling and o_proj's input (5 nH d + 3 nKV d); per routed slot
-    (k of them): the gathered input H, gate_up output 2I, activation I, expert output H."""
-    q, kv = c.num_attention_heads * c.head_dim, c.num_key_value_heads * c.head_dim
-    attention = 7 * q + 2 * kv if device == "cpu" else 5 * q + 3 * kv
-    k = c.num_experts_per_tok
-    return 4 * c.hidden_size + attention + k * (2 * c.hidden_size + 3 * c.intermediate_size)
+def _activations(c: GptOssConfig, device: str, s: int, *, attention_trained: bool, experts_trained: bool,
+                 lora_r: int) -> dict[str, int]:
+    """Bytes per token that one decoder layer's pieces hold in backward, counted from what autograd
+    actually saves in our model (checked against saved-tensor hooks in tests/test_plan.py):
+
+    - norms: the post-attention norm keeps its input (fp32 models); in bf16 each norm keeps the fp32
+      copy of its input it normalises (`RMSNorm` upcasts), 4 bytes a value.
+    - attention: CPU (flash kernel): its q, GQA-repeated k and v, output (4 nH d) and the fp32
+      log-sum-exp; CUDA (flex): q, k, v without repeats, output (2 nH d + 2 nKV d) and three
+      per-head fp32/bf16 values (lse, sigmoid, its copy). Trained projections keep their inputs
+      (q/k/v share the normalised x; o_proj its own) and LoRA its [T, r] intermediates.
+    - moe, per token (k routed slots): the sorted slot index (int64), the routing weight, the expert
+      outputs concatenated and weighted (index_add keeps its source too), gate_up's output h (2I,
+      the clamped SwiGLU recomputes the rest); trained experts keep their inputs (H, I) and LoRA's
+      [n, r]s; the router's top-k indices (int64) and softmax (fp32).
+    - moe_backward: its first backward buffers: the gradient gathered per slot, and those of the
+      concatenated outputs and of the routing weights (3 k H), less the source index_add kept
+      (released once its backward ran), with the layer's output gradient.
+    - attention_backward: dq and the repeated dk, dv (CPU) or dq, dk, dv (CUDA), the output gradient,
+      and the residual stream's gradient and the normalised input.
+    """
+    h, i = c.hidden_size, c.intermediate_size
+    q, kv, nh, k = c.num_attention_heads * c.head_dim, c.num_key_value_heads * c.head_dim, c.num_attention_heads, \
+        c.num_experts_per_tok
+    norms = 4 * h if s == 4 else 2 * 4 * h
+    if device == "cpu":
+        attention = 4 * q * s + 2 * 4 * nh
+        attention_backward = (4 * q + 2 * h) * s + 10 * ATTENTION_QUERY_CHUNK  # + one chunk's mask, per key
+    else:
+        attention = (2 * q + 2 * kv) * s + 3 * 4 * nh
+        attention_backward = (2 * q + 2 * kv + 2 * h) * s
+    if attention_trained:
+        attention += (h + q + 4 * lora_r) * s
+    moe = k * (8 + s + 2 * h * s + 2 * i * s) + k * (8 + 4)
+    if experts_trained:
+        moe += k * (h + i + 2 * lora_r) * s
+    return {"norms": norms, "attention": attention, "attention_backward": attention_backward, "moe": moe,
+            "moe_backward": (2 * k * h + h) * s}
+
+
+def _activation_terms(p: Plan, c: GptOssConfig, act: dict[str, int], s: int, tokens: int, labeled: int,
+                      checkpointing: bool, offload: bool, chunk: int | None) -> None:
+    """The activation terms of `p` at its peak: the larger of the loss (forward, one logits chunk
+    live) and the backward of one decoder layer. Both hold the layers' saved state: every layer's
+    activations, or with checkpointing each layer's input (in CPU memory with `offload`) plus the
+    one layer recomputed. A chunked MoE holds its saved state and backward buffers for one chunk."""
+    layers, h = c.num_hidden_layers, c.hidden_size
+    moe_tokens = min(chunk, tokens) if chunk else tokens
+    # One layer's saved state; the MoE's for one chunk (its checkpoint keeps the chunk's input: the norm's output).
+    layer = (act["norms"] + act["attention"]) * tokens + act["moe"] * moe_tokens + (h * s * tokens if chunk else 0)
+    rope = c.head_dim * s * tokens  # cos and sin, one pair for every layer
+    if checkpointing:
+        inputs = layers * h * s * tokens
+        saved = {("activations: checkpointed layer inputs in CPU memory (on the GPU: one layer's)" if offload
+                  else f"activations: checkpointed layer inputs ({layers} layers)"):
+                 (h * s * tokens if offload else inputs + rope),
+                 "activations: one layer recomputed in backward" + (f" (MoE in chunks of {chunk})" if chunk else ""):
+                 layer}
+        if offload:
+            p.notes.append(f"checkpointed layer inputs in pinned CPU memory: {(inputs + layers * rope) / GIB:.2f} GiB "
+                           "of host memory, copied back once per layer in backward (model.offload_activations)")
+    else:
+        # without checkpointing the input norm keeps each layer's input too (fp32; bf16 keeps its fp32 copy)
+        saved = {"activations": layers * (layer + (h * s * tokens if s == 4 else 0)) + rope}
+    moe_phase = act["moe_backward"] * moe_tokens + (h * s * tokens if chunk else 0)  # + the layer output's gradient
+    attention_phase = act["attention_backward"] * tokens
+    backward = {"activation gradients and backward buffers (one layer)": max(moe_phase, attention_phase)}
+    # The loss: the final norm's input (fp32 copy in bf16) and output, the labeled rows gathered and
+    # their gradient d logp / d h (formed in forward), and one logits chunk.
+    chunk_rows = min(LOGITS_CHUNK, labeled)
+    loss = {"loss: final hidden states, labeled rows and their gradient": (4 * h + h * s) * tokens + 2 * h * s * labeled,
+            f"logits: {chunk_rows} rows x {c.vocab_size} (fp32 buffer{' + bf16 copies' if s == 2 else ''})":
+                chunk_rows * c.vocab_size * (4 if s == 4 else 8)}
+    if checkpointing:  # the layers' state at the loss: their inputs only (nothing is recomputed yet)
+        at_loss = {k: v for k, v in saved.items() if "recomputed" not in k}
+        at_backward = saved
+    else:
+        at_loss = at_backward = saved
+    if sum(loss.values()) + sum(at_loss.values()) > sum(backward.values()) + sum(at_backward.values()):
+        p.breakdown.update(at_loss)
+        p.breakdown.update(loss)
+        p.notes.append("peak at the loss (one logits chunk), before backward")
+    else:
+        p.breakdown.update(at_backward)
+        p.breakdown.update(backward)
+        p.notes.append("peak in the backward of one decoder layer" + (" (its MoE chunk)" if chunk else ""))
 
 
 def plan(model: "str | GptOssConfig", *, method: str = "lora", seq_len: int = 2048, batch_size: int = 1, gpus: int = 1,
          device: str = "cuda", gradient_checkpointing: bool = False, lora_r: int = 16,
          lora_targets: tuple[str, ...] = ("attention", "experts"), labeled_tokens: int | None = None,
-         offload_embeddings: bool = True, offload_experts: int = 0, dtype: str = "auto") -> Plan:
+         offload_embeddings: bool = True, offload_experts: int = 0, dtype: str = "auto",
+         offload_activations: bool = False, moe_chunk_size: int | None = None) -> Plan:
     """Peak memory per device. lora_targets: the config's `lora.targets` (attention, experts, router).
     labeled_tokens: trained tokens per micro-batch (default: all).
     offload_embeddings / offload_experts: the trainer's `model.offload_*` (LoRA on one GPU only).
+    offload_activations / moe_chunk_size: `model.offload_activations` (with gradient checkpointing;
+    nothing moves on CPU) and `model.moe_chunk_size` (long context).
     dtype: the config's `model.dtype` (auto: bfloat16 on cuda, float32 on cpu)."""
     if method not in cfglib.TRAINABLE:
         raise PlanError(f"method must be one of {', '.join(cfglib.TRAINABLE)}, got {method!r}")
@@ -198,6 +280,11 @@ def plan(model: "str | GptOssConfig", *, method: str = "lora", seq_len: int = 20
         raise PlanError(f"dtype must be one of {', '.join(cfglib.DTYPES)}, got {dtype!r}")
     if min(seq_len, batch_size, gpus, lora_r) < 1:
         raise PlanError("seq-len, batch-size, gpus and r must be positive")
+    if offload_activations and not gradient_checkpointing:
+        raise PlanError("offload-activations keeps the inputs that gradient checkpointing saves: "
+                        "it needs --gradient-checkpointing")
+    if moe_chunk_size is not None and moe_chunk_size < 1:
+        raise PlanError(f"moe-chunk-size must be a positive number of tokens, got {moe_chunk_size}")
     c = load_config(model)
     layers = c.num_hidden_layers
     if not 0 <= offload_experts <= layers:
@@ -208,7 +295,8 @@ def plan(model: "str | GptOssConfig", *, method: str = "lora", seq_len: int = 20
         raise PlanError("offload-experts applies to LoRA on one GPU (--method lora --device cuda --gpus 1)")
     embed_off = offload_embeddings and offloading and not c.tie_word_embeddings
     name = model if isinstance(model, str) else "model"
-    p = Plan(name, method, device, gpus, seq_len, batch_size, gradient_checkpointing, lora_r, offload_experts)
+    p = Plan(name, method, device, gpus, seq_len, batch_size, gradient_checkpointing, lora_r, offload_experts,
+             offload_activations, moe_chunk_size)
     # model dtype: the config's, or the trainer's auto (fp32 on CPU, bf16 on CUDA)
     s = 4 if dtype == "float32" or (dtype == "auto" and device == "cpu") else 2
     # The trainer's models: LoRA over frozen MXFP4 experts, full fine-tuning of dense ("dequantized") ones.
@@ -264,18 +352,11 @@ def plan(model: "str | GptOssConfig", *, method: str = "lora", seq_len: int = 20
         if method == "full":
             p.breakdown["FSDP: unsharded gradients of the root unit and one layer"] = (root + layer) * s
 
-    per_layer = _layer_activations(c, device) * tokens * s
-    if gradient_checkpointing:
-        saved = layers * tokens * h * s + per_layer  # each layer's input, one layer recomputed
-    else:
-        saved = layers * per_layer
-    p.breakdown["activations" + (" (gradient checkpointing)" if gradient_checkpointing else "")] = saved
-    # Backward of one layer holds gradients about as large as that layer's saved activations.
-    p.breakdown["activation gradients (one layer in backward)"] = per_layer
-
-    chunk = min(LOGITS_CHUNK, labeled_tokens if labeled_tokens is not None else tokens)
-    p.breakdown[f"logits: {chunk} rows x {c.vocab_size} (fp32 buffer{' + bf16 copies' if s == 2 else ''})"] = \
-        chunk * c.vocab_size * (4 if s == 4 else 8)
+    act = _activations(c, device, s, attention_trained=method == "full" or "attention" in lora_targets,
+                       experts_trained=method == "full" or "experts" in lora_targets,
+                       lora_r=lora_r if method == "lora" else 0)
+    _activation_terms(p, c, act, s, tokens, labeled_tokens if labeled_tokens is not None else tokens,
+                      gradient_checkpointing, offload_activations and device == "cuda", moe_chunk_size)
     if method == "lora":
         p.breakdown["MXFP4 decode: one expert's gate_up + down"] = 3 * i * h * s
     p.breakdown["framework: " + ("python, torch, imports (measured)" if device == "cpu"
@@ -312,7 +393,8 @@ def config_kwargs(config, overrides: list[str] = ()) -> dict:
     return dict(model=cfg.model.path, method=cfg.tuning, seq_len=seq_len, batch_size=rows,
                 gradient_checkpointing=cfg.model.gradient_checkpointing, lora_r=cfg.lora.r, lora_targets=tuple(cfg.lora.targets),
                 offload_embeddings=cfg.model.offload_embeddings, offload_experts=cfg.model.offload_experts,
-                dtype=cfg.model.dtype)
+                dtype=cfg.model.dtype, offload_activations=cfg.model.offload_activations,
+                moe_chunk_size=cfg.model.moe_chunk_size)
 
 
 def auto_offload(config, budget_gib: float, model: GptOssConfig | None = None) -> int:

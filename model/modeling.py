@@ -298,16 +298,35 @@ class _SinkFlashAttentionCPU(torch.autograd.Function):
         return dq, dk, dv, dsinks.to(sinks.dtype), None, None, None
 
 
-def flex_block_masks(position_ids: torch.Tensor, config: GptOssConfig) -> dict:
+def flex_block_masks(position_ids: torch.Tensor, config: GptOssConfig, block: int = 128) -> dict:
     """`attention_masks` as flex attention `BlockMask`s: same rules, but tiles that no query may
-    see (outside the window, across packed examples) are skipped, never computed."""
-    from torch.nn.attention.flex_attention import create_block_mask
+    see (outside the window, across packed examples) are skipped, never computed.
+
+    The tiles are classified from per-tile bounds (first and last position and example of each
+    block of `block` tokens), never from a `[T, T]` mask: `create_block_mask` evaluates the rule
+    at every (query, key) pair (16 GiB of booleans, and int64 temporaries, at 128k tokens). A tile
+    is full (no mask applied) when every pair in it is allowed, partial (the rule applied per
+    element) when some may be; partial is conservative, full is exact."""
+    from torch.nn.attention.flex_attention import BlockMask
 
     if (position_ids == position_ids[:1]).all():
         position_ids = position_ids[:1]  # one mask serves every row
     b, t = position_ids.shape
-    segment = (position_ids == 0).cumsum(-1)  # [B, T]
+    segment = (position_ids == 0).cumsum(-1)  # [B, T], nondecreasing along T
     window = config.sliding_window
+    dev = position_ids.device
+    first = torch.arange(0, t, block, device=dev)  # [nb]
+    last = (first + block).clamp(max=t) - 1
+    whole = (last - first + 1) == block  # a tile cut by the end is never full
+    seg_first, seg_last = segment[:, first], segment[:, last]  # [B, nb]
+    qf, ql, kf, kl = first[:, None], last[:, None], first[None, :], last[None, :]
+    # some pair may share an example / every pair does (examples are contiguous runs)
+    share = (seg_first[:, None, :] <= seg_last[:, :, None]) & (seg_last[:, None, :] >= seg_first[:, :, None])
+    one = (seg_first == seg_last)
+    share_all = one[:, :, None] & one[:, None, :] & (seg_first[:, :, None] == seg_first[:, None, :])
+    complete = whole[:, None] & whole[None, :]
+    tiles = {FULL: (share & (kf <= ql), share_all & (kl <= qf) & complete)}
+    tiles[SLIDING] = (tiles[FULL][0] & (qf - kl < window), tiles[FULL][1] & (ql - kf < window))
 
     def full(bi, h, qi, ki):
         return (qi >= ki) & (segment[bi, qi] == segment[bi, ki])
@@ -315,8 +334,16 @@ def flex_block_masks(position_ids: torch.Tensor, config: GptOssConfig) -> dict:
     def sliding(bi, h, qi, ki):
         return full(bi, h, qi, ki) & (qi - ki < window)
 
-    return {kind: create_block_mask(fn, b if b > 1 else None, None, t, t, device=position_ids.device)
-            for kind, fn in ((FULL, full), (SLIDING, sliding))}
+    def kv_blocks(allowed: torch.Tensor):  # [B, nq, nk] bool -> counts [B, 1, nq], indices [B, 1, nq, nk]
+        order = torch.argsort((~allowed).to(torch.int8), dim=-1, stable=True)  # allowed tiles first, in order
+        return allowed.sum(-1, dtype=torch.int32)[:, None], order.to(torch.int32)[:, None]
+
+    masks = {}
+    for kind, fn in ((FULL, full), (SLIDING, sliding)):
+        some, every = tiles[kind]
+        masks[kind] = BlockMask.from_kv_blocks(*kv_blocks(some & ~every), *kv_blocks(every), BLOCK_SIZE=block,
+                                               mask_mod=fn, seq_lengths=(t, t))
+    return masks
 
 
 _COMPILED_FLEX = None

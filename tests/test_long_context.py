@@ -194,3 +194,98 @@ def test_trainer_builds_the_model_with_the_keys(tmp_path):
     assert {layer.mlp.chunk_size for layer in m.model.layers} == {128}
     plain = load_model(_cfg(tmp_path), torch.device("cpu"))
     assert plain.activation_offload is None and {layer.mlp.chunk_size for layer in plain.model.layers} == {None}
+
+
+@pytest.mark.parametrize("targets", [("attention", "experts"), ("attention",), ("experts",)])
+def test_planned_layer_activations_are_what_autograd_saves(targets):
+    """`plan`'s per-token bytes of one decoder layer (fp32, CPU kernel) against the tensors autograd
+    really keeps (saved-tensor hooks, one count per storage; weights, the layer input, cos and sin
+    excluded: the plan counts those elsewhere)."""
+    cfg = _wide_config(hidden_size=64, intermediate_size=96, num_attention_heads=4, head_dim=16)
+    torch.manual_seed(0)
+    m = GptOssForCausalLM(cfg, experts="mxfp4", dtype=torch.float32)
+    model.add_lora(m, r=4, alpha=8, targets=targets)
+    for name, p in m.named_parameters():
+        p.requires_grad_("lora" in name)
+    t = 512
+    pos = torch.arange(t)[None]
+    x = torch.randn(1, t, cfg.hidden_size, requires_grad=True)
+    cos, sin = m.model.rotary(pos, torch.float32)
+    skip = {z.untyped_storage().data_ptr() for z in (*m.parameters(), *m.buffers(), x, cos, sin)}
+    seen = {}
+
+    def pack(z):
+        ptr = z.untyped_storage().data_ptr()
+        if ptr not in skip:
+            seen[ptr] = z.untyped_storage().nbytes()
+        return z
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda z: z):
+        m.model.layers[1](x, cos, sin, segment_masks(pos, cfg), "sdpa")
+    act = planlib._activations(cfg, "cpu", 4, attention_trained="attention" in targets,
+                               experts_trained="experts" in targets, lora_r=4)
+    planned = (act["norms"] + act["attention"] + act["moe"]) * t
+    assert planned == pytest.approx(sum(seen.values()), rel=0.01)
+
+
+def _20b(seq_len, **kw):
+    return planlib.plan("gpt-oss-20b", method="lora", seq_len=seq_len, gradient_checkpointing=True, **kw)
+
+
+def test_planner_counts_offloaded_inputs_and_moe_chunks():
+    t, chunk = 65536, 8192
+    plain, off, both = _20b(t), _20b(t, offload_activations=True), _20b(t, offload_activations=True, moe_chunk_size=chunk)
+    h, s = 2880, 2
+    inputs = plain.breakdown["activations: checkpointed layer inputs (24 layers)"]
+    assert inputs == 24 * h * s * t + 64 * s * t  # + cos and sin
+    key = "activations: checkpointed layer inputs in CPU memory (on the GPU: one layer's)"
+    assert off.breakdown[key] == h * s * t
+    assert plain.peak_bytes - off.peak_bytes == inputs - h * s * t
+    assert any("GiB of host memory" in n for n in off.notes)
+    # chunks: the recomputed layer's MoE state and backward buffers for `chunk` tokens, not t
+    act = planlib._activations(planlib.load_config("gpt-oss-20b"), "cuda", s, attention_trained=True,
+                               experts_trained=True, lora_r=16)
+    recomputed = "activations: one layer recomputed in backward"
+    assert off.breakdown[recomputed] - both.breakdown[recomputed + f" (MoE in chunks of {chunk})"] == \
+        act["moe"] * (t - chunk) - h * s * t
+    assert both.peak_bytes < off.peak_bytes < plain.peak_bytes
+    assert _20b(4096, moe_chunk_size=8192).peak_bytes == pytest.approx(_20b(4096).peak_bytes, rel=0.01)
+    # on CPU nothing moves: the same plan
+    cpu = dict(device="cpu", seq_len=8192, gradient_checkpointing=True)
+    assert planlib.plan("gpt-oss-20b", **cpu, offload_activations=True).peak_bytes == \
+        planlib.plan("gpt-oss-20b", **cpu).peak_bytes
+    with pytest.raises(planlib.PlanError, match="needs --gradient-checkpointing"):
+        planlib.plan("gpt-oss-20b", offload_activations=True)
+    with pytest.raises(planlib.PlanError, match="moe-chunk-size must be a positive"):
+        planlib.plan("gpt-oss-20b", moe_chunk_size=0)
+
+
+def test_20b_lora_at_128k_plans_under_80_gib_with_the_long_context_keys(tmp_path, capsys):
+    from finetune.cli import main as cli
+
+    assert _20b(131072, offload_activations=True, moe_chunk_size=8192).peak_bytes < 80 * 2 ** 30
+    assert cli(["plan", "--model", "gpt-oss-20b", "--seq-len", "131072", "--gradient-checkpointing",
+                "--offload-activations", "--moe-chunk-size", "8192", "--json"]) == 0
+    out = __import__("json").loads(capsys.readouterr().out)
+    assert out["offload_activations"] and out["moe_chunk_size"] == 8192 and out["peak_gib"] < 80
+    cfg = _cfg(tmp_path, ["model.gradient_checkpointing=true", "model.offload_activations=true",
+                          "model.moe_chunk_size=8192", "data.max_seq_len=131072"])
+    kw = planlib.config_kwargs(cfg)
+    assert kw["offload_activations"] and kw["moe_chunk_size"] == 8192
+
+
+@pytest.mark.parametrize("t, starts", [(320, [0, 100]), (384, [0, 128, 300]), (256, [0]), (129, [0, 5])])
+def test_flex_block_masks_classify_tiles_as_create_block_mask_without_a_tokens_x_tokens_mask(t, starts):
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    cfg = preset("tiny").replace(sliding_window=150)
+    pos = torch.cat([torch.arange(b - a) for a, b in zip(starts, starts[1:] + [t])])[None]
+    with LargestTensor() as seen:
+        got = model.modeling.flex_block_masks(pos, cfg)
+    assert seen.most < t * t // 16  # tiles of 128: [B, T/128, T/128] at most, never [T, T]
+    allowed = attention_masks(pos, cfg)
+    for kind, mask in got.items():
+        want = create_block_mask(lambda b, h, q, k, a=allowed[kind][0, 0]: a[q, k], None, None, t, t)
+        torch.testing.assert_close(mask.to_dense(), want.to_dense())  # the tiles computed
+        full = lambda m: m.full_kv_num_blocks.sum().item()  # noqa: E731
+        assert full(mask) == full(want)  # the tiles computed without the rule
