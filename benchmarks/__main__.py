@@ -187,8 +187,27 @@ def _data_scale(quick: bool) -> list[dict]:
     ]
 
 
+def _long_context(quick: bool) -> list[dict]:
+    from benchmarks import bench_long_context
+
+    r = bench_long_context.main(["--lengths", *(["2048", "4096"] if quick else ["8192", "16384"])])
+    s, last = r["slopes"][-1], r["results"][-1]
+    shape = r["shape"]
+    what = (f"LoRA step (attn+experts, r=16, gradient checkpointing), {shape['num_hidden_layers']} layers "
+            f"H={shape['hidden_size']} E={shape['num_local_experts']} top-{shape['num_experts_per_tok']}, batch 1, fp32 CPU")
+    return [
+        {"what": f"{what}: peak RSS growth per token, {s['from']} -> {s['to']} tokens",
+         "ours": s["measured_bytes_per_token"] / 1024, "peer": s["planned_bytes_per_token"] / 1024,
+         "peer_name": "gptoss-ft plan --device cpu", "ratio": s["ratio"], "goal": "0.85-1.15x",
+         "met": 0.85 <= s["ratio"] <= 1.15, "unit": "KiB/token", "detail": r},
+        {"what": f"{what}: step peak RSS at {last['seq_len']} tokens", "ours": last["measured_bytes"] / GIB,
+         "peer": last["planned_bytes"] / GIB, "peer_name": "gptoss-ft plan --device cpu",
+         "ratio": last["planned_bytes"] / last["measured_bytes"], "goal": "(reported)", "met": None, "unit": "GiB"},
+    ]
+
+
 BENCHES = {"train_step": _train_step, "moe": _moe, "mxfp4": _mxfp4, "harmony": _harmony, "export": _export,
-           "dpo": _dpo, "rollouts": _rollouts, "data_scale": _data_scale}
+           "dpo": _dpo, "rollouts": _rollouts, "data_scale": _data_scale, "long_context": _long_context}
 
 
 def _fmt(x) -> str:
@@ -197,6 +216,17 @@ def _fmt(x) -> str:
     if isinstance(x, float):
         return f"{x:.3g}" if abs(x) < 1e-2 or abs(x) >= 1e4 else f"{x:,.2f}"
     return str(x)
+
+
+def _merged(old: dict, new: dict, only: set[str]) -> dict:
+    """`old` results with the rows and timings of the benchmarks in `only` taken from `new` (rows
+    written before rows named their benchmark belong to the full run's others). Its header stays
+    the run that produced most rows; each partial run is listed with its own environment."""
+    rows = [r for r in old["rows"] if r.get("bench") not in only] + new["rows"]
+    partial = [p for p in old.get("partial_runs", []) if not set(p["only"]) <= only]
+    partial.append({"only": sorted(only), "s": new["total_s"], "quick": new["quick"], "environment": new["environment"]})
+    return {**old, "rows": rows, "benchmarks": {**old.get("benchmarks", {}), **new["benchmarks"]},
+            "partial_runs": partial}
 
 
 def write_markdown(path: Path, out: dict) -> None:
@@ -215,6 +245,9 @@ def write_markdown(path: Path, out: dict) -> None:
         + (" (--quick)." if out["quick"] else " (full run).")
         + (f" The last full run took {out['full_run_s'] / 60:.1f} min." if out.get("full_run_s") else "")
         + (f" Per benchmark (1-min load average before -> after): {per}." if per else ""),
+        *(f"Re-run alone with `--only {' '.join(p['only'])}`{' --quick' if p['quick'] else ''}: "
+          f"{p['s'] / 60:.1f} min, load average {p['environment']['load_before']} before, "
+          f"{p['environment']['load_after']} after." for p in out.get("partial_runs", [])),
         "",
         "| what | ours | peer | ratio | goal | met? |",
         "|---|---|---|---|---|---|",
@@ -242,7 +275,7 @@ def main(argv=None) -> int:
     for name in args.only or BENCHES:
         print(f"== {name}", flush=True)
         t, load = time.perf_counter(), f"{os.getloadavg()[0]:.1f}"
-        rows += BENCHES[name](args.quick)
+        rows += [{**row, "bench": name} for row in BENCHES[name](args.quick)]
         benches[name] = {"s": time.perf_counter() - t, "load_before": load, "load_after": f"{os.getloadavg()[0]:.1f}"}
         print(f"   ({benches[name]['s']:.0f} s)", flush=True)
     total = time.perf_counter() - t0
@@ -257,7 +290,9 @@ def main(argv=None) -> int:
     if previous.exists():  # keep the last full run's duration next to a quick run's
         old = json.loads(previous.read_text())
         out["full_run_s"] = old["total_s"] if not old.get("quick") else old.get("full_run_s")
-    if not args.quick:
+        if args.only:  # a partial run replaces its benchmarks' rows; the others stay as the last run left them
+            out = _merged(old, out, set(args.only))
+    if not args.quick and not args.only:
         out["full_run_s"] = total
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "results.json").write_text(json.dumps(out, indent=2, default=str))

@@ -109,6 +109,8 @@ def main(argv=None) -> dict:
                                                            "nothing moves)")
     ap.add_argument("--base", default=None, help="the random model's directory (default: a temporary one)")
     ap.add_argument("--json", default=None, help="also write the results here")
+    ap.add_argument("--replan", default=None, metavar="JSON",
+                    help="plan again the measurements of an earlier --json (same options), running no step")
     ap.add_argument("--child", nargs=5, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.child:
@@ -122,9 +124,17 @@ def main(argv=None) -> dict:
     base = Path(args.base or Path(tmp.name) / "base")
     if not (base / "config.json").exists():
         write_random(base, GptOssConfig(**SHAPE, quantization_config=preset("tiny").quantization_config), seed=0)
+    earlier = {}
+    if args.replan:
+        prev = json.loads(Path(args.replan).read_text())
+        args.moe_chunk, args.offload = prev["moe_chunk_size"], prev["offload_activations"]
+        args.lengths = [r["seq_len"] for r in prev["results"]]
+        earlier = {r["seq_len"]: {"step_peak": r["measured_bytes"], "peak_rss": r["process_peak_bytes"],
+                                  **{k: r[k] for k in ("step_s", "forward_s", "backward_s", "loss", "rss_before_step",
+                                                       "load_peak")}} for r in prev["results"]}
     rows = []
     for n in args.lengths:
-        m = measure(base, n, args.moe_chunk, args.offload)
+        m = earlier.get(n) or measure(base, n, args.moe_chunk, args.offload)
         p = planned(base, n, args.moe_chunk, args.offload)
         rows.append({"seq_len": n, "measured_bytes": m["step_peak"], "process_peak_bytes": m["peak_rss"],
                      "planned_bytes": p.peak_bytes, "planned_breakdown": p.to_dict()["breakdown"],
