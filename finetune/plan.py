@@ -185,8 +185,10 @@ def _activations(c: GptOssConfig, device: str, s: int, *, attention_trained: boo
     - moe_backward: its first backward buffers: the gradient gathered per slot, and those of the
       concatenated outputs and of the routing weights (3 k H), less the source index_add kept
       (released once its backward ran), with the layer's output gradient.
-    - attention_backward: dq and the repeated dk, dv (CPU) or dq, dk, dv (CUDA), the output gradient,
-      and the residual stream's gradient and the normalised input.
+    - attention_backward: dq and the repeated dk, dv (CPU) or dq, dk, dv (CUDA), the output
+      gradient and the residual stream's, less o_proj's input (released by then) when it is
+      trained; on CPU one query chunk's mask (about 8 bytes per key) too. By then the layer's MoE
+      and norms have released what they kept.
     """
     h, i = c.hidden_size, c.intermediate_size
     q, kv, nh, k = c.num_attention_heads * c.head_dim, c.num_key_value_heads * c.head_dim, c.num_attention_heads, \
@@ -194,12 +196,13 @@ def _activations(c: GptOssConfig, device: str, s: int, *, attention_trained: boo
     norms = 4 * h if s == 4 else 2 * 4 * h
     if device == "cpu":
         attention = 4 * q * s + 2 * 4 * nh
-        attention_backward = (4 * q + 2 * h) * s + 10 * ATTENTION_QUERY_CHUNK  # + one chunk's mask, per key
+        attention_backward = (4 * q + h) * s + 8 * ATTENTION_QUERY_CHUNK
     else:
         attention = (2 * q + 2 * kv) * s + 3 * 4 * nh
-        attention_backward = (2 * q + 2 * kv + 2 * h) * s
+        attention_backward = (2 * q + 2 * kv + h) * s
     if attention_trained:
         attention += (h + q + 4 * lora_r) * s
+        attention_backward -= q * s
     moe = k * (8 + s + 2 * h * s + 2 * i * s) + k * (8 + 4)
     if experts_trained:
         moe += k * (h + i + 2 * lora_r) * s
@@ -218,22 +221,28 @@ def _activation_terms(p: Plan, c: GptOssConfig, act: dict[str, int], s: int, tok
     # One layer's saved state; the MoE's for one chunk (its checkpoint keeps the chunk's input: the norm's output).
     layer = (act["norms"] + act["attention"]) * tokens + act["moe"] * moe_tokens + (h * s * tokens if chunk else 0)
     rope = c.head_dim * s * tokens  # cos and sin, one pair for every layer
+    # The two moments of a layer's backward: its MoE's (everything the layer saved, the MoE's first
+    # buffers and the output gradient) and its attention's (the MoE and norms have released theirs).
+    moments = {"MoE" + (" chunk" if chunk else ""): (layer, act["moe_backward"] * moe_tokens + (h * s * tokens if chunk else 0)),
+               "attention": (act["attention"] * tokens, act["attention_backward"] * tokens)}
+    if not checkpointing:
+        moments = {"MoE": moments["MoE"]}  # everything stays saved: the MoE moment is the larger
+    which = max(moments, key=lambda m: sum(moments[m]))
+    held, buffers = moments[which]
     if checkpointing:
         inputs = layers * h * s * tokens
         saved = {("activations: checkpointed layer inputs in CPU memory (on the GPU: one layer's)" if offload
                   else f"activations: checkpointed layer inputs ({layers} layers)"):
                  (h * s * tokens if offload else inputs + rope),
-                 "activations: one layer recomputed in backward" + (f" (MoE in chunks of {chunk})" if chunk else ""):
-                 layer}
+                 "activations: one layer recomputed in backward, still held" +
+                 (f" (MoE in chunks of {chunk})" if chunk else ""): held}
         if offload:
             p.notes.append(f"checkpointed layer inputs in pinned CPU memory: {(inputs + layers * rope) / GIB:.2f} GiB "
                            "of host memory, copied back once per layer in backward (model.offload_activations)")
     else:
         # without checkpointing the input norm keeps each layer's input too (fp32; bf16 keeps its fp32 copy)
         saved = {"activations": layers * (layer + (h * s * tokens if s == 4 else 0)) + rope}
-    moe_phase = act["moe_backward"] * moe_tokens + (h * s * tokens if chunk else 0)  # + the layer output's gradient
-    attention_phase = act["attention_backward"] * tokens
-    backward = {"activation gradients and backward buffers (one layer)": max(moe_phase, attention_phase)}
+    backward = {"activation gradients and backward buffers (one layer)": buffers}
     # The loss: the final norm's input (fp32 copy in bf16) and output, the labeled rows gathered and
     # their gradient d logp / d h (formed in forward), and one logits chunk.
     chunk_rows = min(LOGITS_CHUNK, labeled)
@@ -242,6 +251,8 @@ def _activation_terms(p: Plan, c: GptOssConfig, act: dict[str, int], s: int, tok
                 chunk_rows * c.vocab_size * (4 if s == 4 else 8)}
     if checkpointing:  # the layers' state at the loss: their inputs only (nothing is recomputed yet)
         at_loss = {k: v for k, v in saved.items() if "recomputed" not in k}
+        if offload:  # every input is in CPU memory by then
+            at_loss = {k: 0 for k in at_loss}
         at_backward = saved
     else:
         at_loss = at_backward = saved
@@ -252,7 +263,7 @@ def _activation_terms(p: Plan, c: GptOssConfig, act: dict[str, int], s: int, tok
     else:
         p.breakdown.update(at_backward)
         p.breakdown.update(backward)
-        p.notes.append("peak in the backward of one decoder layer" + (" (its MoE chunk)" if chunk else ""))
+        p.notes.append(f"peak in the backward of one decoder layer (its {which})")
 
 
 def plan(model: "str | GptOssConfig", *, method: str = "lora", seq_len: int = 2048, batch_size: int = 1, gpus: int = 1,
