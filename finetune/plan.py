@@ -223,8 +223,14 @@ def _activation_terms(p: Plan, c: GptOssConfig, act: dict[str, int], s: int, tok
     rope = c.head_dim * s * tokens  # cos and sin, one pair for every layer
     # The two moments of a layer's backward: its MoE's (everything the layer saved, the MoE's first
     # buffers and the output gradient) and its attention's (the MoE and norms have released theirs).
-    moments = {"MoE" + (" chunk" if chunk else ""): (layer, act["moe_backward"] * moe_tokens + (h * s * tokens if chunk else 0)),
+    moments = {"MoE": (layer, act["moe_backward"] * tokens),
                "attention": (act["attention"] * tokens, act["attention_backward"] * tokens)}
+    if chunk:
+        # The layer output's gradient, and the gradients of the chunks' inputs, which the split's
+        # backward collects until the last chunk is done and then concatenates.
+        grads = 2 * h * s * tokens
+        moments["MoE"] = (layer, (act["moe_backward"] - h * s) * moe_tokens + grads)
+        moments["MoE chunks joined"] = (layer - act["moe"] * moe_tokens, grads + h * s * tokens)
     if not checkpointing:
         moments = {"MoE": moments["MoE"]}  # everything stays saved: the MoE moment is the larger
     which = max(moments, key=lambda m: sum(moments[m]))
