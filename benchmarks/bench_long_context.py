@@ -21,9 +21,9 @@ imports, allocator arenas) and is what the planner must predict (issue 17: withi
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
-import resource
 import subprocess
 import sys
 import tempfile
@@ -54,7 +54,11 @@ def child(base: str, seq_len: int, moe_chunk: int | None, offload: bool, out: st
     from accelerate import Accelerator
 
     from benchmarks.measure import reset_peak, status
-    from finetune.trainer import _deterministic_algorithms, load_model, return_freed_memory_to_the_os
+    from finetune.trainer import (
+        _deterministic_algorithms,
+        load_model,
+        return_freed_memory_to_the_os,
+    )
 
     Accelerator(cpu=True)
     return_freed_memory_to_the_os()  # as `gptoss-ft train` on CPU
@@ -144,7 +148,7 @@ def main(argv=None) -> dict:
               f"planned {p.peak_bytes / GIB:.2f} GiB ({p.peak_bytes / m['step_peak'] - 1:+.0%}); "
               f"step {m['step_s']:.0f} s", flush=True)
     slopes = []
-    for a, b in zip(rows, rows[1:]):
+    for a, b in itertools.pairwise(rows):
         d = b["seq_len"] - a["seq_len"]
         s = {"from": a["seq_len"], "to": b["seq_len"],
              "measured_bytes_per_token": (b["measured_bytes"] - a["measured_bytes"]) / d,

@@ -311,7 +311,7 @@ def flex_block_masks(position_ids: torch.Tensor, config: GptOssConfig, block: in
 
     if (position_ids == position_ids[:1]).all():
         position_ids = position_ids[:1]  # one mask serves every row
-    b, t = position_ids.shape
+    t = position_ids.shape[1]
     segment = (position_ids == 0).cumsum(-1)  # [B, T], nondecreasing along T
     window = config.sliding_window
     dev = position_ids.device
