@@ -82,7 +82,7 @@ class ModelSection:
     """Recompute each decoder layer in backward instead of keeping its activations."""
     offload_activations: bool = False
     """Long context, with gradient checkpointing: the layer inputs that checkpointing keeps (one
-    [tokens, hidden] tensor per layer: 15 GiB for gpt-oss-20b at 128k tokens) wait in CPU memory
+    [tokens, hidden] tensor per layer: 16.9 GiB for gpt-oss-20b at 128k tokens) wait in CPU memory
     (pinned on GPU machines), copied back for each layer's backward. On a CPU run it changes nothing."""
     moe_chunk_size: int | None = None
     """Long context: run each MoE block over chunks of this many tokens, each recomputed in backward,
