@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from model.experts import EXPERT_PROJS
-from model.modeling import DecoderLayer, RotaryEmbedding, attention_masks
+from model.modeling import DecoderLayer, RotaryEmbedding, segment_masks
 
 from .run import ExportError, Run
 
@@ -106,7 +106,9 @@ class Calibration:
         self.x = embed[ids].float()  # [1, N, H]
         del embed
         self.cos, self.sin = RotaryEmbedding(run.config)(self.position_ids, torch.float32)
-        self.masks = attention_masks(self.position_ids, run.config)
+        # The CPU flash kernel over query chunks, as training runs: eager attention would hold
+        # heads x N x N scores (1 GiB per copy at gpt-oss-20b's 64 heads and 2048 tokens).
+        self.masks = segment_masks(self.position_ids, run.config)
         self.next_layer = 0
 
     @torch.no_grad()
@@ -116,7 +118,7 @@ class Calibration:
         captured = []
         module = self._tuned_layer(layer)
         hook = module.mlp.experts.register_forward_hook(lambda mod, args, out: captured.append(args))
-        self.x, _ = module(self.x, self.cos, self.sin, self.masks, "eager")
+        self.x, _ = module(self.x, self.cos, self.sin, self.masks, "sdpa")
         hook.remove()
         self.next_layer += 1
         x, idx, weight = captured[0]
