@@ -61,12 +61,14 @@ def _cpu_pool() -> ThreadPoolExecutor:
     return _pool
 
 
-def dequantize(blocks: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
+def dequantize(blocks: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype = torch.bfloat16, *,
+               out: torch.Tensor | None = None) -> torch.Tensor:
     """uint8 `[..., G, 16]` and `[..., G]` -> `[..., G*32]` of `dtype`, bit-exact to the spec.
 
     A table look-up (docs/ARCHITECTURE.md §6): index = scale byte * 256 + data byte picks both decoded values at
     once. On CPU the rows are cut into cache-sized tasks spread over a thread pool (the gathers
     release the GIL); ~14x transformers' decoder on 2 cores (benchmarks/bench_mxfp4.py).
+    out: a contiguous `[..., G*32]` tensor of `dtype` on the blocks' device to decode into.
     """
     _check_pair(blocks, scales)
     if not dtype.is_floating_point:
@@ -77,7 +79,14 @@ def dequantize(blocks: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype = 
     b2 = blocks.reshape(-1, BLOCK // 2)
     s2 = scales.reshape(-1)
     rows = b2.shape[0]
-    out = torch.empty(rows, BLOCK // 2, dtype=table.dtype, device=blocks.device)
+    shape = (*lead, groups * BLOCK)
+    if out is None:
+        out = torch.empty(rows, BLOCK // 2, dtype=table.dtype, device=blocks.device)
+    else:
+        if tuple(out.shape) != shape or out.dtype != dtype or out.device != blocks.device or not out.is_contiguous():
+            raise ValueError(f"dequantize: out must be a contiguous {dtype} tensor of shape {shape} on {blocks.device}, "
+                             f"got {out.dtype} {tuple(out.shape)} on {out.device}")
+        out = out.view(table.dtype).view(rows, BLOCK // 2)
 
     def decode(r0: int, r1: int) -> None:
         # Widen the data bytes once and OR the shifted scales in place: `int32 | uint8` would first
@@ -95,7 +104,7 @@ def dequantize(blocks: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype = 
     else:
         for r0 in range(0, rows, _GPU_ROWS_PER_CHUNK):
             decode(r0, min(r0 + _GPU_ROWS_PER_CHUNK, rows))
-    return out.view(dtype).reshape(*lead, groups * BLOCK)
+    return out.view(dtype).reshape(shape)
 
 
 # Midpoints between neighbouring E2M1 magnitudes [0, .5, 1, 1.5, 2, 3, 4, 6], each with whether a tie

@@ -69,6 +69,22 @@ def test_dequantize_rejects_bad_input():
         mxfp4.dequantize(torch.zeros(2, 3, 16), torch.zeros(2, 3, dtype=torch.uint8))
 
 
+def test_dequantize_into_a_given_buffer():
+    """`out=`: the same values written into the caller's tensor (the experts' reused decode buffer);
+    a buffer of another shape or dtype is refused, not silently reallocated."""
+    gen = torch.Generator().manual_seed(0)
+    blocks = torch.randint(0, 256, (3, 5, 4, 16), dtype=torch.uint8, generator=gen)
+    scales = torch.randint(110, 140, (3, 5, 4), dtype=torch.uint8, generator=gen)
+    for dtype in (torch.bfloat16, torch.float32):
+        buf = torch.full((3, 5, 128), float("nan"), dtype=dtype)
+        got = mxfp4.dequantize(blocks, scales, dtype, out=buf)
+        assert got.data_ptr() == buf.data_ptr() and torch.equal(buf, mxfp4.dequantize(blocks, scales, dtype))
+    with pytest.raises(ValueError, match="out must be"):
+        mxfp4.dequantize(blocks, scales, torch.bfloat16, out=torch.empty(3, 5, 96, dtype=torch.bfloat16))
+    with pytest.raises(ValueError, match="out must be"):
+        mxfp4.dequantize(blocks, scales, torch.bfloat16, out=torch.empty(3, 5, 128))
+
+
 def test_large_input_uses_all_chunks():
     g = torch.Generator().manual_seed(1)
     blocks = torch.randint(0, 256, (3, 20000, 16), dtype=torch.uint8, generator=g)
