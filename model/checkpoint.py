@@ -406,11 +406,25 @@ class _ShardFile:
         with open(self.path, "wb") as out, open(data_path, "rb") as src:
             out.write(struct.pack("<Q", len(header)) + header)
             out.flush()
-            left = self.size
-            while left:
-                left -= os.copy_file_range(src.fileno(), out.fileno(), min(left, 1 << 30))
+            _copy_file(src, out, self.size)
         data_path.unlink()
         return list(self.entries)
+
+
+def _copy_file(src, out, size: int) -> None:
+    """Append `size` bytes of `src` to `out`: in the kernel where it can (Linux), else in 64 MiB pieces."""
+    left = size
+    if hasattr(os, "copy_file_range"):
+        try:
+            while left:
+                left -= os.copy_file_range(src.fileno(), out.fileno(), min(left, 1 << 30))
+            return
+        except OSError:  # a file system or kernel without it: the positions are where it stopped
+            pass
+    while left:
+        piece = src.read(min(left, 64 << 20))
+        out.write(piece)
+        left -= len(piece)
 
 
 class CheckpointWriter:

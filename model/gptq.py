@@ -66,14 +66,15 @@ def _inverse_upper(r: torch.Tensor, leaf: int = 256) -> torch.Tensor:
     return out
 
 
+_BATCH_ELEMENTS = 1 << 26
+
+
 def batch_size_for(out_dim: int, in_dim: int) -> int:
     """How many `[out_dim, in_dim]` matrices `gptq_quantize` takes at once: a batch amortises the
     per-column Python steps over its matrices while its working tensors (the weights, their steps and
     the result in fp32, about 1 GiB in all) stay a fraction of one layer."""
     return max(1, _BATCH_ELEMENTS // (out_dim * in_dim))
 
-
-_BATCH_ELEMENTS = 1 << 26
 
 
 def gptq_quantize(w: torch.Tensor, gram: torch.Tensor, *, keep_scales: torch.Tensor | None = None,
