@@ -76,7 +76,6 @@ def batch_size_for(out_dim: int, in_dim: int) -> int:
     return max(1, _BATCH_ELEMENTS // (out_dim * in_dim))
 
 
-
 def gptq_quantize(w: torch.Tensor, gram: torch.Tensor, *, keep_scales: torch.Tensor | None = None,
                   damp: float = 0.01, block: int = 128, sub_block: int = 16) -> tuple[torch.Tensor, torch.Tensor]:
     """Quantize `w [out, in]` to MXFP4 minimising `||X (W - Q)^T||` for inputs with `gram = X^T X`;
