@@ -243,7 +243,7 @@ def test_mxfp4_experts_decode_one_expert_at_a_time(monkeypatch):
     ex.gate_up_proj_bias.requires_grad_(False)
     calls = []
     real = mxfp4.dequantize
-    monkeypatch.setattr(mxfp4, "dequantize", lambda b, s, d: calls.append(tuple(b.shape)) or real(b, s, d))
+    monkeypatch.setattr(mxfp4, "dequantize", lambda b, s, d, **kw: calls.append(tuple(b.shape)) or real(b, s, d, **kw))
     x = torch.randn(5, 64, requires_grad=True)
     idx = torch.tensor([[0, 2]] * 5)  # experts 1 and 3 unused
     y = ex(x, idx, torch.full((5, 2), 0.5))
