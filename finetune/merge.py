@@ -194,8 +194,8 @@ def _requantize(src: _ExpertSource, experts: dict, dest, report: ExportReport) -
         elif changed and gram is not None:
             gptq.append(e)
             report.experts_requantized += 1
-        else:  # a dense base's unchanged expert has no bytes to keep and nothing learned to protect
-            done[e] = mxfp4.quantize(w)
+        else:  # changed without calibration rows (nearest), or a dense base's unchanged expert (no
+            done[e] = mxfp4.quantize(w)  # bytes to keep, nothing learned to protect: not counted)
             report.experts_requantized += changed
     if gptq:
         keep = torch.stack([src.scales[e] for e in gptq]) if src.base_mxfp4 else None
